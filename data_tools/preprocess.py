@@ -1,0 +1,335 @@
+"""Raw text -> tokenized, sentence-split, Megatron-compatible indexed shards.
+
+    python -m data_tools.preprocess --input corpus/ --tokenizer vocab/ --output-prefix data/train \
+        --workers 2 --valid-fraction 0.01
+
+Writes PREFIX.bin/.idx/.json (and PREFIX_valid.* with --valid-fraction or --valid-input).
+The last stdout line is a JSON summary; input documents = written + skipped (by reason).
+
+SLURM job arrays: ``--shard-index $SLURM_ARRAY_TASK_ID --num-shards N`` makes each task
+take a contiguous, disjoint part of the input; ``python -m data_tools.merge`` joins them
+into the same bytes a single run writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bert_ds import __version__
+from bert_ds.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
+from data_tools import sources
+from data_tools.text import document_sentences, normalize_document
+from data_tools.tokenizer import SentenceEncoder, TokenizerError, load_tokenizer, tokenizer_info
+
+# Tokenization runs one thread per worker process: `--workers` is the whole parallelism,
+# so 1 vs 2 workers is an honest comparison and processes do not oversubscribe cores.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class Options:
+    text_key: str = "text"
+    valid_fraction: float = 0.0
+    drop_short_docs: bool = False
+    seed: int = 1234
+
+
+@dataclass
+class SplitArrays:
+    """One unit's output for one split: what IndexedDatasetWriter.add_documents takes."""
+
+    tokens: np.ndarray
+    sentence_lengths: np.ndarray
+    doc_sentence_counts: np.ndarray
+
+
+@dataclass
+class UnitResult:
+    bytes_in: int
+    counts: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    splits: dict[str, SplitArrays] = field(default_factory=dict)
+
+
+# -- worker side -----------------------------------------------------------------------------
+
+_worker_state: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, options: Options) -> None:
+    tok = load_tokenizer(tokenizer_dir)
+    _worker_state["encoder"] = SentenceEncoder(tok)
+    _worker_state["dtype"] = token_dtype_for_vocab(tok.get_vocab_size(with_added_tokens=True))
+    _worker_state["options"] = options
+
+
+def _in_valid_split(text: str, options: Options) -> bool:
+    """By content hash: independent of file order, sharding and workers; duplicates stay together."""
+    if options.valid_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=options.seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") / 2**64 < options.valid_fraction
+
+
+def process_unit(unit: sources.WorkUnit) -> UnitResult:
+    encoder: SentenceEncoder = _worker_state["encoder"]
+    options: Options = _worker_state["options"]
+    dtype = _worker_state["dtype"]
+    read_stats = sources.ReadStats()
+    result = UnitResult(bytes_in=unit.size)
+    docs: dict[str, list[list[str]]] = {"train": [], "valid": []}
+    for raw_text, invalid in sources.read_unit(unit, options.text_key, read_stats):
+        result.counts["docs_in"] += 1
+        if invalid:
+            result.counts["docs_with_invalid_utf8"] += 1
+        text = normalize_document(raw_text)
+        sentences = document_sentences(text)
+        split = "valid" if unit.split == "valid" or _in_valid_split(text, options) else "train"
+        docs[split].append(sentences)
+    result.counts["invalid_utf8_sequences"] = read_stats.invalid_utf8
+
+    for split, doc_list in docs.items():
+        flat = [s for sentences in doc_list for s in sentences]
+        encoded = iter(encoder.encode(flat)) if flat else iter(())
+        tokens: list[int] = []
+        lengths: list[int] = []
+        doc_counts: list[int] = []
+        for sentences in doc_list:
+            ids_per_sentence = [ids for ids in (next(encoded) for _ in sentences)]
+            kept = [ids for ids in ids_per_sentence if ids]
+            # a sentence of only characters the tokenizer deletes (control characters) has no tokens
+            result.counts["empty_sentences_dropped"] += len(ids_per_sentence) - len(kept)
+            if not kept:
+                result.skipped["empty"] += 1
+                continue
+            if len(kept) < 2:
+                if options.drop_short_docs:
+                    result.skipped["one_sentence"] += 1
+                    continue
+                result.counts["docs_with_one_sentence"] += 1
+            for ids in kept:
+                tokens += ids
+                lengths.append(len(ids))
+            doc_counts.append(len(kept))
+            result.counts[f"docs_{split}"] += 1
+            result.counts["sentences"] += len(kept)
+        result.counts["tokens"] += len(tokens)
+        if doc_counts:
+            result.splits[split] = SplitArrays(
+                np.array(tokens, dtype=dtype), np.array(lengths, dtype=np.int32), np.array(doc_counts, dtype=np.int64)
+            )
+    return result
+
+
+# -- driver side -----------------------------------------------------------------------------
+
+
+def _ordered_map(units: list[sources.WorkUnit], workers: int, tokenizer_dir: str, options: Options) -> Iterator[UnitResult]:
+    """Results in unit order, with at most 2 units per worker in flight (bounded memory)."""
+    if workers <= 1:
+        _init_worker(tokenizer_dir, options)
+        for unit in units:
+            yield process_unit(unit)
+        return
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, options)) as pool:
+        pending: deque = deque()
+        todo = iter(units)
+        for unit in todo:
+            pending.append(pool.apply_async(process_unit, (unit,)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().get()
+            for unit in todo:
+                pending.append(pool.apply_async(process_unit, (unit,)))
+                break
+            yield result
+
+
+def valid_prefix(prefix: str) -> str:
+    return f"{prefix}_valid"
+
+
+def write_metadata(path: Path, meta: dict) -> None:
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    try:
+        info = tokenizer_info(args.tokenizer)
+    except TokenizerError as e:
+        raise SystemExit(f"error: {e}") from None
+    options = Options(text_key=args.text_key, valid_fraction=args.valid_fraction, drop_short_docs=args.drop_short_docs, seed=args.seed)
+    if not 0 <= args.valid_fraction < 1:
+        raise SystemExit(f"error: --valid-fraction must be in [0, 1), got {args.valid_fraction}")
+    if not 0 <= args.shard_index < args.num_shards:
+        raise SystemExit(f"error: --shard-index {args.shard_index} is not in [0, --num-shards {args.num_shards})")
+
+    files_skipped: list[dict] = []
+    units: list[sources.WorkUnit] = []
+    source_files: list[dict] = []
+    for inputs, split in ((args.input, "auto"), (args.valid_input or [], "valid")):
+        for path in sources.expand_inputs(inputs):
+            kind = sources.input_kind(path, args.one_doc_per_line)
+            try:
+                sources.check_readable(path, kind)
+            except sources.InputError as e:
+                if not args.skip_bad_files:
+                    raise SystemExit(f"error: {e} (pass --skip-bad-files to skip and count it)") from None
+                files_skipped.append({"path": str(path), "reason": str(e)})
+                continue
+            file_units = sources.plan_units([path], args.one_doc_per_line, split)
+            units.extend(file_units)
+            source_files.append({"path": str(path), "kind": kind, "bytes": sum(u.size for u in file_units), "split": split})
+    units = sources.shard_of_units(units, args.shard_index, args.num_shards)
+    total_bytes = sum(u.size for u in units)
+
+    prefixes = {"train": args.output_prefix, "valid": valid_prefix(args.output_prefix)}
+    want_valid = args.valid_fraction > 0 or bool(args.valid_input)
+    dtype = token_dtype_for_vocab(info.vocab_size)
+    writers = {"train": IndexedDatasetWriter(prefixes["train"], dtype)}
+    if want_valid:
+        writers["valid"] = IndexedDatasetWriter(prefixes["valid"], dtype)
+    counts: Counter = Counter()
+    skipped: Counter = Counter()
+    progress = _progress(total_bytes, args.progress)
+    try:
+        for result in _ordered_map(units, args.workers, args.tokenizer, options):
+            for split, arrays in result.splits.items():
+                writers[split].add_documents(arrays.tokens, arrays.sentence_lengths, arrays.doc_sentence_counts)
+            counts.update(result.counts)
+            skipped.update(result.skipped)
+            if progress is not None:
+                progress.update(result.bytes_in)
+                elapsed = max(progress.format_dict["elapsed"], 1e-9)
+                progress.set_postfix(docs_per_s=f"{counts['docs_in'] / elapsed:,.0f}", refresh=False)
+    except sources.InputError as e:
+        for w in writers.values():
+            w._abort()
+        raise SystemExit(f"error: {e}") from None
+    except BaseException:
+        for w in writers.values():
+            w._abort()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    for w in writers.values():
+        w.finalize()
+
+    seconds = time.perf_counter() - t0
+    for split, writer in writers.items():
+        write_metadata(
+            Path(f"{prefixes[split]}.json"),
+            {
+                "format": "megatron-indexed-dataset",
+                "format_version": 1,
+                "tool": "bert-ds data_tools.preprocess",
+                "tool_version": __version__,
+                "split": split,
+                "dtype": dtype.name,
+                "tokenizer": info.to_json(),
+                "counts": {"documents": writer.num_documents, "sentences": writer.num_sequences, "tokens": writer.num_tokens},
+                "sources": source_files,
+                "shard": {"index": args.shard_index, "num_shards": args.num_shards},
+                "options": {
+                    "text_key": args.text_key,
+                    "one_doc_per_line": args.one_doc_per_line,
+                    "valid_fraction": args.valid_fraction,
+                    "drop_short_docs": args.drop_short_docs,
+                    "seed": args.seed,
+                    "sentence_splitter": "data_tools.text v1",
+                },
+            },
+        )
+    docs_written = counts["docs_train"] + counts["docs_valid"]
+    summary = {
+        "docs_in": counts["docs_in"],
+        "docs_written": docs_written,
+        "docs_written_train": counts["docs_train"],
+        "docs_written_valid": counts["docs_valid"],
+        "docs_skipped": {"empty": skipped["empty"], "one_sentence": skipped["one_sentence"]},
+        "docs_with_one_sentence_kept": counts["docs_with_one_sentence"],
+        "docs_with_invalid_utf8": counts["docs_with_invalid_utf8"],
+        "invalid_utf8_sequences_replaced": counts["invalid_utf8_sequences"],
+        "empty_sentences_dropped": counts["empty_sentences_dropped"],
+        "files_skipped": files_skipped,
+        "sentences": counts["sentences"],
+        "tokens": counts["tokens"],
+        "bytes_in": total_bytes,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 3),
+        "workers": args.workers,
+        "shard": {"index": args.shard_index, "num_shards": args.num_shards},
+        "outputs": [prefixes[s] for s in writers],
+    }
+    # the bookkeeping identity the summary promises: nothing vanishes silently
+    assert summary["docs_in"] == docs_written + sum(summary["docs_skipped"].values()), summary
+    return summary
+
+
+def _progress(total_bytes: int, mode: str):
+    from tqdm import tqdm
+
+    disable = {"auto": None, "on": False, "off": True}[mode]  # tqdm: None = only on a terminal
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1_000_000, desc="preprocess", disable=disable, mininterval=1.0, file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools.preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="text/JSONL(.gz)/parquet files, directories, globs, or a datasets save_to_disk dir")
+    p.add_argument("--tokenizer", required=True, help="tokenizer dir (from data_tools.train_tokenizer or a Hugging Face BERT checkpoint)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents (by content hash) held out as PREFIX_valid")
+    p.add_argument("--valid-input", nargs="+", help="files whose documents all go to PREFIX_valid")
+    p.add_argument("--shard-index", type=int, default=0, help="this task's part of the input (SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-shards", type=int, default=1, help="number of parts the input is cut into")
+    p.add_argument("--text-key", default="text", help="JSON key / column holding the text (JSONL, parquet, datasets)")
+    p.add_argument("--one-doc-per-line", action="store_true", help="plain text: each line is a document (default: blank lines separate documents)")
+    p.add_argument("--drop-short-docs", action="store_true", help="drop documents with one sentence (default: keep and count them)")
+    p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable or binary files, listing them in the summary (default: stop)")
+    p.add_argument("--seed", type=int, default=1234, help="key of the held-out split's document hash")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bar on stderr (auto: only on a terminal)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except sources.InputError as e:
+        raise SystemExit(f"error: {e}") from None
+    skipped = sum(summary["docs_skipped"].values())
+    print(
+        f"{summary['docs_in']:,} documents in, {summary['docs_written']:,} written "
+        f"({summary['docs_written_valid']:,} held out), {skipped:,} skipped {summary['docs_skipped']}; "
+        f"{summary['sentences']:,} sentences, {summary['tokens']:,} tokens; "
+        f"{summary['bytes_in'] / 1e6:.1f} MB in {summary['seconds']:.1f} s ({summary['mb_per_s']:.2f} MB/s)",
+        file=sys.stderr,
+    )
+    if summary["files_skipped"]:
+        print(f"skipped {len(summary['files_skipped'])} unreadable file(s): " + "; ".join(f["reason"] for f in summary["files_skipped"]), file=sys.stderr)
+    if summary["invalid_utf8_sequences_replaced"]:
+        print(f"replaced {summary['invalid_utf8_sequences_replaced']:,} invalid UTF-8 sequence(s) in {summary['docs_with_invalid_utf8']:,} document(s)", file=sys.stderr)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Train a BERT WordPiece vocabulary with Hugging Face ``tokenizers``.
+
+    python -m data_tools.train_tokenizer --input corpus/ --output vocab/ --vocab-size 30522 [--cased]
+
+Writes ``vocab.txt``, ``tokenizer.json`` and ``tokenizer_config.json``, a directory that
+``transformers.BertTokenizerFast.from_pretrained`` loads and ``data_tools.preprocess
+--tokenizer`` takes. ``--from-existing DIR`` instead imports an existing vocabulary (e.g.
+a Hugging Face BERT checkpoint that ships only ``vocab.txt``) into the same layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from data_tools import sources
+from data_tools.text import normalize_document
+from data_tools.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_info
+
+
+def iter_texts(inputs: list[str], one_doc_per_line: bool, text_key: str, skip_bad_files: bool) -> Iterator[str]:
+    """Batches of paragraphs from every input, in the same order preprocess reads them."""
+    stats = sources.ReadStats()
+    for path in sources.expand_inputs(inputs):
+        kind = sources.input_kind(path, one_doc_per_line)
+        try:
+            sources.check_readable(path, kind)
+        except sources.InputError as e:
+            if not skip_bad_files:
+                raise
+            print(f"skipping {e}", file=sys.stderr)
+            continue
+        for unit in sources.plan_units([path], one_doc_per_line):
+            batch = []
+            for text, _ in sources.read_unit(unit, text_key, stats):
+                batch.extend(line for line in normalize_document(text).split("\n") if line.strip())
+            yield batch
+    if stats.invalid_utf8:
+        print(f"replaced {stats.invalid_utf8:,} invalid UTF-8 sequence(s)", file=sys.stderr)
+
+
+def untrained_bert_tokenizer(lowercase: bool, strip_accents: bool | None) -> Tokenizer:
+    """BERT's pipeline: clean text, split CJK characters, optional lower-case/accent strip, WordPiece."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def add_bert_post_processor(tok: Tokenizer) -> None:
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+
+
+def save(tok: Tokenizer, output: Path, lowercase: bool, strip_accents: bool | None) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    tok.model.save(str(output))  # vocab.txt
+    tok.save(str(output / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": lowercase,
+        "strip_accents": strip_accents,
+        "tokenize_chinese_chars": True,
+        "model_max_length": 512,
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+    }
+    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = {k: v for k, v in config.items() if k.endswith("_token")}
+    (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m data_tools.train_tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", help="text/JSONL(.gz)/parquet files, directories, globs, or a datasets dir")
+    p.add_argument("--output", required=True, help="directory to write the tokenizer to")
+    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--cased", action="store_true", help="keep case (default: lower-case, as bert-base-uncased)")
+    p.add_argument("--strip-accents", choices=["auto", "yes", "no"], default="auto", help="auto: strip when uncased (as BERT)")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--limit-alphabet", type=int, default=1000, help="most frequent characters kept as initial alphabet")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--one-doc-per-line", action="store_true")
+    p.add_argument("--skip-bad-files", action="store_true")
+    p.add_argument("--from-existing", metavar="DIR", help="import an existing vocabulary directory instead of training")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    output = Path(args.output)
+    lowercase = not args.cased
+    # None lets the normalizer follow `lowercase`, which is what BERT's uncased models do
+    strip_accents = {"auto": None, "yes": True, "no": False}[args.strip_accents]
+
+    if args.from_existing:
+        tok = load_tokenizer(args.from_existing)
+        cfg_path = Path(args.from_existing) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        save(tok, output, bool(cfg.get("do_lower_case", True)), cfg.get("strip_accents"))
+    else:
+        if not args.input:
+            p.error("--input is required unless --from-existing is given")
+        tok = untrained_bert_tokenizer(lowercase, strip_accents)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=SPECIAL_TOKENS,
+            limit_alphabet=args.limit_alphabet, continuing_subword_prefix="##", show_progress=sys.stderr.isatty(),
+        )
+        try:
+            tok.train_from_iterator(iter_texts(args.input, args.one_doc_per_line, args.text_key, args.skip_bad_files), trainer=trainer)
+        except sources.InputError as e:
+            raise SystemExit(f"error: {e}") from None
+        add_bert_post_processor(tok)
+        save(tok, output, lowercase, strip_accents)
+    info = tokenizer_info(output)
+    print(json.dumps({"output": str(output), "vocab_size": info.vocab_size, "vocab_sha256": info.vocab_sha256}))
+
+
+if __name__ == "__main__":
+    main()
