@@ -25,7 +25,8 @@ from pathlib import Path
 
 # Nominal size of a text work unit: small enough to balance 2+ workers on a 10 MB corpus,
 # large enough that per-unit overhead (a pickle round trip) is negligible.
-UNIT_BYTES = 1 << 20
+# (BERT_DS_UNIT_BYTES overrides it: tests use tiny units to exercise unit boundaries)
+UNIT_BYTES = int(os.environ.get("BERT_DS_UNIT_BYTES", 1 << 20))
 HF_UNIT_ROWS = 10_000
 # a NUL byte in the first block marks a binary file (the same heuristic as git and grep)
 _BINARY_PROBE_BYTES = 8192

