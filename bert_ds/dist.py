@@ -1,0 +1,146 @@
+"""The one module that reads rank and address variables, and starts torch.distributed.
+
+Where the rank comes from, in order (``discover_ranks``, a pure function):
+  1. a torch-style launcher (``deepspeed``, ``torchrun``): RANK, WORLD_SIZE, LOCAL_RANK;
+  2. SLURM ``srun``: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID;
+  3. Open MPI ``mpirun``: OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK;
+  4. MPICH / Intel MPI / PMI: PMI_RANK, PMI_SIZE, MPI_LOCALRANKID;
+  5. nothing: a single process.
+
+The master address is never guessed from a network interface (DeepSpeed's fallback uses
+``hostname -I``, which picks whatever NIC comes first): it comes from MASTER_ADDR, or under
+SLURM from the first host of the job's node list; a single process uses 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DistributedSetupError(RuntimeError):
+    """Rank discovery or rendezvous cannot proceed; the message says which variable is missing."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # launcher | slurm | openmpi | mpich | single
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    source: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 does the logging, writes the run directory files and TensorBoard events."""
+        return self.rank == 0
+
+
+_SOURCES = [
+    ("launcher", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+]
+
+
+def discover_ranks(env: Mapping[str, str]) -> RankInfo:
+    for source, rank_var, size_var, local_var in _SOURCES:
+        if rank_var in env:
+            if size_var not in env:
+                raise DistributedSetupError(f"{rank_var} is set but {size_var} is not: cannot tell the world size")
+            try:
+                rank, world = int(env[rank_var]), int(env[size_var])
+                local = int(env.get(local_var, "0"))
+            except ValueError:
+                raise DistributedSetupError(f"{rank_var}={env[rank_var]!r} / {size_var}={env[size_var]!r} are not integers") from None
+            if not 0 <= rank < world:
+                raise DistributedSetupError(f"{rank_var}={rank} is outside [0, {size_var}={world})")
+            return RankInfo(rank, world, local, source)
+    return RankInfo(0, 1, 0, "single")
+
+
+def slurm_master_addr(env: Mapping[str, str]) -> str | None:
+    """First host of the job step's node list, resolved to its NodeAddr (``scontrol``)."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return None
+    first = subprocess.check_output(["scontrol", "show", "hostnames", nodelist], text=True).split()[0]
+    node = subprocess.check_output(["scontrol", "show", "node", first, "-o"], text=True)
+    m = re.search(r"NodeAddr=(\S+)", node)
+    return m.group(1) if m else first
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def select_device(preference: str, local_rank: int, cuda_available: bool, cuda_device_count: int) -> tuple[str, int | None, str]:
+    """(device type, device index, backend) for a rank. Pure, so it is testable without a GPU."""
+    if preference == "cuda" and not cuda_available:
+        raise DistributedSetupError("train.device is 'cuda' but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if preference == "cuda" or (preference == "auto" and cuda_available):
+        if local_rank >= cuda_device_count:
+            raise DistributedSetupError(
+                f"local rank {local_rank} has no GPU: this node has {cuda_device_count}; "
+                "the hostfile's slots= (or --num_gpus / --ntasks-per-node) exceeds the GPUs per node"
+            )
+        return "cuda", local_rank, "nccl"
+    return "cpu", None, "gloo"
+
+
+def init(device_preference: str = "auto", timeout_minutes: float = 10.0) -> DistContext:
+    """Discover ranks, pin the device, and start DeepSpeed's process group (all ranks must call)."""
+    env = os.environ
+    info = discover_ranks(env)
+    if info.source == "single":
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in env:
+        addr = slurm_master_addr(env) if info.source == "slurm" else None
+        if addr is None:
+            raise DistributedSetupError(
+                f"MASTER_ADDR is not set ({info.source} started {info.world_size} ranks): pass --master_addr to the launcher "
+                "or export MASTER_ADDR (bert-ds never guesses an address from the network interfaces)"
+            )
+        env["MASTER_ADDR"] = addr
+    env.setdefault("MASTER_PORT", "29500")
+    # torch.distributed's env:// rendezvous reads these names whatever launched us
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
+    device_type, index, backend = select_device(device_preference, info.local_rank, torch.cuda.is_available(), torch.cuda.device_count())
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes))
+    log.info("rank %d/%d (local %d, from %s) on %s, backend %s, master %s:%s", info.rank, info.world_size, info.local_rank,
+             info.source, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])
+    return DistContext(info.rank, info.world_size, info.local_rank, device, backend, info.source)
+
+
+def shutdown() -> None:
+    """Tear the process group down before exit (Open MPI ranks abort otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

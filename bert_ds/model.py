@@ -1,0 +1,130 @@
+"""BERT for pretraining (MLM + NSP): transformers' BertForPreTraining, MLM head on masked positions only.
+
+Model architecture only: no DeepSpeed, no torch.distributed here.
+
+Why a subclass: ``BertForPreTraining`` projects every position through the MLM decoder
+(hidden x vocab). For small and medium models that projection is most of the FLOPs
+(about 70% for 4 layers, hidden 256, vocab 30,522, seq 128), yet only ~15% of positions
+have a label. Like NVIDIA's BERT we gather the masked positions first and run the head on
+those rows only. The modules (``self.bert``, ``self.cls``) and so the weight names are
+untouched: a state dict saves and loads as a plain ``BertForPreTraining``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForPreTraining
+
+from bert_ds.config import ModelConfig
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PretrainingOutput:
+    """Losses for backward, plus detached counts for metrics (summed, so they average across ranks)."""
+
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    nsp_loss: torch.Tensor
+    mlm_correct: torch.Tensor
+    mlm_count: torch.Tensor
+    nsp_correct: torch.Tensor
+    nsp_count: torch.Tensor
+
+
+class BertForPreTrainingSparse(BertForPreTraining):
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        next_sentence_label: torch.Tensor,
+    ) -> PretrainingOutput:
+        sequence_output, pooled_output = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=False
+        )[:2]
+        masked = labels != IGNORE_INDEX
+        # boolean indexing: a device-to-host sync on GPU (the number of masked rows), paid once per micro-batch
+        masked_hidden = sequence_output[masked]
+        masked_labels = labels[masked]
+        mlm_logits = self.cls.predictions(masked_hidden)
+        nsp_logits = self.cls.seq_relationship(pooled_output)
+        # losses in fp32 whatever the compute dtype: log-softmax over 30k classes loses precision in bf16
+        mlm_loss = F.cross_entropy(mlm_logits.float(), masked_labels) if masked_labels.numel() else mlm_logits.sum() * 0.0
+        nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
+        with torch.no_grad():
+            mlm_correct = (mlm_logits.argmax(-1) == masked_labels).sum()
+            nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
+        return PretrainingOutput(
+            loss=mlm_loss + nsp_loss,
+            mlm_loss=mlm_loss.detach(),
+            nsp_loss=nsp_loss.detach(),
+            mlm_correct=mlm_correct,
+            mlm_count=torch.tensor(masked_labels.numel(), device=labels.device),
+            nsp_correct=nsp_correct,
+            nsp_count=torch.tensor(next_sentence_label.numel(), device=labels.device),
+        )
+
+
+def build_bert_config(cfg: ModelConfig, vocab_size: int) -> BertConfig:
+    if cfg.init_from:
+        bert_config = BertConfig.from_pretrained(cfg.init_from)
+        for key, value in cfg.overrides.items():
+            setattr(bert_config, key, value)
+    else:
+        bert_config = BertConfig(vocab_size=vocab_size, **cfg.bert_kwargs())
+    if bert_config.vocab_size != vocab_size:
+        raise ValueError(
+            f"model vocabulary size {bert_config.vocab_size} differs from the tokenizer's {vocab_size}"
+            + (f" (model.init_from {cfg.init_from})" if cfg.init_from else "")
+        )
+    return bert_config
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> BertForPreTrainingSparse:
+    """A fresh model from a preset, or one loaded from ``cfg.init_from`` (missing heads initialised and reported)."""
+    bert_config = build_bert_config(cfg, vocab_size)
+    if cfg.init_from:
+        model, info = BertForPreTrainingSparse.from_pretrained(
+            cfg.init_from, config=bert_config, attn_implementation=cfg.attn_implementation, output_loading_info=True
+        )
+        if info["missing_keys"]:
+            log.warning("initialised %d tensors missing from %s: %s", len(info["missing_keys"]), cfg.init_from, _summarize(info["missing_keys"]))
+        if info["unexpected_keys"]:
+            log.warning("ignored %d tensors of %s: %s", len(info["unexpected_keys"]), cfg.init_from, _summarize(info["unexpected_keys"]))
+    else:
+        model = BertForPreTrainingSparse._from_config(bert_config, attn_implementation=cfg.attn_implementation)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _summarize(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
+
+
+def training_flops_per_sample(config: BertConfig, seq_length: int, masked_per_sample: float) -> float:
+    """Model FLOPs of one training sample (forward + backward = 3x forward), for MFU.
+
+    Counts matmuls only (2 FLOPs per multiply-add): per token and layer the QKV/output
+    projections (4 h^2), the MLP (2 h i) and attention scores and values (2 s h); the pooler
+    and NSP head per sample; the MLM head's transform (h^2) and decoder (h v) on masked rows.
+    """
+    h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    per_token_layer = 4 * h * h + 2 * h * i + 2 * seq_length * h
+    encoder = layers * per_token_layer * seq_length
+    heads = masked_per_sample * (h * h + h * v) + (h * h + 2 * h)
+    return 3 * 2 * (encoder + heads)
+
+
+def save_hf_config(model: BertForPreTraining, out_dir: str | Path) -> None:
+    model.config.save_pretrained(out_dir)
