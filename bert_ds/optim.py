@@ -1,0 +1,625 @@
+"""Optimizer pieces for BERT pretraining: parameter groups, LAMB that stays correct under ZeRO, LR schedules.
+
+LAMB scales each parameter's Adam-style update by a trust ratio ``||w|| / ||update||`` computed over
+that parameter alone. DeepSpeed's ZeRO optimizers (and its BF16 optimizer) hand the client optimizer
+one flat fp32 *partition* per parameter group instead of the parameters, so an ordinary LAMB computes
+a single ratio over a slice of many parameters (DeepSpeed issues #88, #490, #1217, #1285).
+
+Here the trainer calls :func:`configure_lamb_for_zero` right after ``deepspeed.initialize``. It reads
+where each parameter lives inside this rank's flat partitions (a :class:`FlatLayout` of
+:class:`Segment` s) and hands that to :class:`Lamb`. In ``step()`` Lamb sums ``w**2`` and
+``update**2`` per parameter over its local slices, all-reduces those sums over the data-parallel
+group (2 floats per parameter of the group), and applies each parameter's full ratio to its slices.
+DeepSpeed calls ``step()`` once per parameter group (ZeRO 1/2) or sub-group (ZeRO 3), so that is one
+small all-reduce per group per step. Weights then match unpartitioned LAMB to float tolerance under
+ZeRO 1, 2 and 3 (tests/test_lamb_zero.py measures ~4e-7 of the distance training moved them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+logger = logging.getLogger(__name__)
+
+# Substrings of parameter names that get no weight decay (BERT convention: biases and LayerNorm gains).
+NO_DECAY_NAME_PATTERNS = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
+
+
+def build_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the trainable parameters into a decayed group and a not-decayed group.
+
+    Biases and LayerNorm weights (names containing any of ``NO_DECAY_NAME_PATTERNS``) get no weight
+    decay. Frozen parameters are left out. Both groups keep ``named_parameters()`` order, so the
+    layout is the same on every rank and across runs; both are always returned, even if one is empty
+    (DeepSpeed drops empty groups itself).
+
+    Args:
+        model: the model whose parameters are optimized.
+        weight_decay: decoupled weight decay for the decayed group.
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]``.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(pattern in name for pattern in NO_DECAY_NAME_PATTERNS):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where parameters live inside a flat partition
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One parameter's elements inside a rank's flat partition.
+
+    Elements ``[start, start + length)`` of the flat partition are elements
+    ``[param_start, param_start + length)`` of the flattened parameter.
+    """
+
+    start: int
+    """Offset of the first element in the flat partition."""
+    length: int
+    """Number of elements (always > 0)."""
+    param_index: int
+    """Position of the parameter in its group's full parameter list: the same on every rank, so it
+    indexes the all-reduced per-parameter sums."""
+    param_start: int
+    """Offset of the first element inside the flattened parameter."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlatLayout:
+    """How one flat fp32 tensor seen by the optimizer maps onto whole parameters.
+
+    Elements not covered by a segment are ZeRO alignment padding: they hold zeros and get no update.
+    """
+
+    segments: tuple[Segment, ...]
+    """The parameter slices held locally, in increasing ``start`` order."""
+    num_params: int
+    """Parameters in the whole group (on all ranks together); the all-reduce has 2 floats per parameter."""
+    numel: int
+    """Elements in the flat tensor, padding included."""
+    process_group: Any | None
+    """The group the parameters are partitioned over; ``None`` when this tensor holds whole parameters."""
+
+    def __post_init__(self) -> None:
+        end = 0
+        for seg in self.segments:
+            if seg.length <= 0 or seg.start < end or not 0 <= seg.param_index < self.num_params:
+                raise ValueError(f"bad segment {seg} in a flat tensor of {self.numel} elements")
+            end = seg.start + seg.length
+        if end > self.numel:
+            raise ValueError(f"segments end at element {end}, past the flat tensor's {self.numel} elements")
+
+    def pieces(self) -> tuple[list[int], list[int]]:
+        """Cover the flat tensor with consecutive pieces: (lengths, param index or ``num_params`` for padding)."""
+        lengths: list[int] = []
+        keys: list[int] = []
+        pos = 0
+        for seg in self.segments:
+            if seg.start > pos:
+                lengths.append(seg.start - pos)
+                keys.append(self.num_params)
+            lengths.append(seg.length)
+            keys.append(seg.param_index)
+            pos = seg.start + seg.length
+        if pos < self.numel:
+            lengths.append(self.numel - pos)
+            keys.append(self.num_params)
+        return lengths, keys
+
+
+def contiguous_partition_segments(
+    param_numels: Sequence[int], param_offsets: Sequence[int], partition_start: int, partition_size: int
+) -> list[Segment]:
+    """Segments of one rank's partition when a group is flattened into one buffer and cut into equal parts.
+
+    This is the ZeRO 1/2 (and BF16 optimizer) layout: parameter ``k`` occupies
+    ``[param_offsets[k], param_offsets[k] + param_numels[k])`` of the flat group buffer (gaps are
+    alignment padding) and the rank owns ``[partition_start, partition_start + partition_size)``.
+    A parameter may straddle two or more ranks.
+
+    e.g. numels [6, 3, 5], offsets [0, 6, 9], 2 ranks of 7 elements:
+      rank 0 -> (start 0, len 6, param 0, from 0), (start 6, len 1, param 1, from 0)
+      rank 1 -> (start 0, len 2, param 1, from 1), (start 2, len 5, param 2, from 0)
+    """
+    partition_end = partition_start + partition_size
+    segments = []
+    for index, (numel, offset) in enumerate(zip(param_numels, param_offsets, strict=True)):
+        lo, hi = max(offset, partition_start), min(offset + numel, partition_end)
+        if lo < hi:
+            segments.append(Segment(lo - partition_start, hi - lo, index, lo - offset))
+    return segments
+
+
+def sharded_params_segments(param_numels: Sequence[int], shard_numels: Sequence[int], rank: int) -> list[Segment]:
+    """Segments of one rank's partition when every parameter is sharded over all ranks (ZeRO 3).
+
+    Parameter ``k`` is padded to ``shard_numels[k] * world_size`` elements and rank ``r`` holds
+    elements ``[r * shard, (r + 1) * shard)`` of it; the rank's flat partition is its shards back to
+    back. The last ranks' shards may be partly (or wholly) padding.
+
+    e.g. numels [5, 2], shards [3, 1], 2 ranks:
+      rank 0 -> (start 0, len 3, param 0, from 0), (start 3, len 1, param 1, from 0)
+      rank 1 -> (start 0, len 2, param 0, from 3), (start 3, len 1, param 1, from 1)   # element 2 is padding
+    """
+    segments = []
+    start = 0
+    for index, (numel, shard) in enumerate(zip(param_numels, shard_numels, strict=True)):
+        param_start = rank * shard
+        length = min(shard, numel - param_start)
+        if length > 0:
+            segments.append(Segment(start, length, index, param_start))
+        start += shard
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------------
+# LAMB
+# ---------------------------------------------------------------------------------------------------
+
+
+def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, max_trust_ratio: float | None) -> torch.Tensor:
+    """``||w|| / ||u||``, or 1 where either norm is 0; clamped to ``max_trust_ratio``. Works elementwise."""
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+    return ratio if max_trust_ratio is None else ratio.clamp(max=max_trust_ratio)
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB as in NVIDIA's BERT pretraining (apex ``FusedLAMB``), in plain PyTorch, fp32 math.
+
+    For each parameter ``w`` with gradient ``g`` at step ``t``::
+
+        m = beta1 * m + (1 - beta1) * g             # gradient averaging, as apex's default
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)   # only if bias_correction
+        update = m_hat / (sqrt(v_hat) + eps) + weight_decay * w  # eps outside sqrt, decoupled decay
+        ratio = ||w|| / ||update||  (1.0 if either norm is 0), clamped to max_trust_ratio
+        w = w - lr * ratio * update
+
+    This is the LAMB paper's Algorithm 2 (You et al. 2019) with apex's choices where the paper leaves
+    room: Adam bias correction applied to the moments (the paper's v1 draft omits it), eps outside the
+    square root, decay added to the update (AdamW style, not L2 in the gradient), identity scaling
+    function phi. As apex (``use_nvlamb=False``), groups with ``weight_decay == 0`` (biases, LayerNorm)
+    take the plain Adam step (ratio 1): that is what NVIDIA's BERT recipes trained with. Set
+    ``use_nvlamb=True`` to adapt every parameter (NVLAMB, and DeepSpeed's FusedLamb).
+
+    Two deliberate differences from apex, both because DeepSpeed already does the job globally:
+    no built-in global gradient clipping (set DeepSpeed's ``gradient_clipping``, which clips over all
+    partitions) and no master weights (DeepSpeed passes fp32 master parameters). ``max_trust_ratio``
+    (apex: none; DeepSpeed FusedLamb: 10) guards against tiny updates of large weights early on.
+
+    Under ZeRO the parameters seen here are flat partitions; see :func:`configure_lamb_for_zero`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        max_trust_ratio: float | None = 10.0,
+        use_nvlamb: bool = False,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas}")
+        if eps <= 0.0:
+            raise ValueError(f"invalid eps: {eps}")
+        if max_trust_ratio is not None and max_trust_ratio <= 0.0:
+            raise ValueError(f"invalid max_trust_ratio: {max_trust_ratio}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_trust_ratio=max_trust_ratio,
+            use_nvlamb=use_nvlamb,
+        )
+        super().__init__(params, defaults)
+        # flat partition tensor -> its layout; derived from the engine each run, so never checkpointed
+        self._flat_layouts: dict[torch.Tensor, FlatLayout] = {}
+        # flat partition tensor -> (piece lengths, piece parameter index) covering it, see FlatLayout.pieces
+        self._flat_pieces: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_flat_layout(self, flat: torch.Tensor, layout: FlatLayout | None) -> None:
+        """Declare that ``flat`` (a tensor in ``param_groups``) holds the parameter slices in ``layout``.
+
+        ``None`` forgets it: the tensor is then treated as one parameter (the naive per-partition LAMB).
+        """
+        if layout is None:
+            self._flat_layouts.pop(flat, None)
+            self._flat_pieces.pop(flat, None)
+            return
+        if flat.dim() != 1 or flat.numel() != layout.numel:
+            raise ValueError(f"layout of {layout.numel} elements given for a tensor of shape {tuple(flat.shape)}")
+        self._flat_layouts[flat] = layout
+        lengths, keys = layout.pieces()
+        # built once: a per-step torch.tensor(list) would be a host-to-device copy every step
+        self._flat_pieces[flat] = (torch.tensor(lengths, device=flat.device), torch.tensor(keys, device=flat.device))
+
+    @property
+    def flat_layouts(self) -> dict[torch.Tensor, FlatLayout]:
+        """The layouts given with :meth:`set_flat_layout` (read-only use)."""
+        return self._flat_layouts
+
+    def _adam_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Advance the moments of ``p`` and return its update direction (before trust ratio and lr)."""
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("Lamb does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            # moments in fp32 whatever the parameter dtype: they are the optimizer's precision
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        grad = grad.float()
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        if group["bias_correction"]:
+            bc1 = 1.0 - beta1 ** state["step"]
+            bc2 = 1.0 - beta2 ** state["step"]
+        else:
+            bc1 = bc2 = 1.0
+        denom = (exp_avg_sq / bc2).sqrt_().add_(group["eps"])
+        update = (exp_avg / bc1).div_(denom)
+        if group["weight_decay"] != 0.0:
+            update.add_(p.float(), alpha=group["weight_decay"])
+        return update
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimization step. Under ZeRO, every rank of the data-parallel group must call it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # (flat tensor, its update, its group, its layout): applied after the cross-rank reduction
+        partitioned: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], FlatLayout]] = []
+        for group in self.param_groups:
+            adapt = group["use_nvlamb"] or group["weight_decay"] != 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = self._adam_update(p, group)
+                layout = self._flat_layouts.get(p)
+                if not adapt:
+                    # apex: no trust ratio for undecayed tensors unless NVLAMB; plain Adam step
+                    p.add_(update.to(p.dtype), alpha=-group["lr"])
+                elif layout is not None:
+                    partitioned.append((p, update, group, layout))
+                else:
+                    # norms stay on the device: a .item() here would be a host-device sync per parameter
+                    w_norm = torch.linalg.vector_norm(p.float())
+                    ratio = _trust_ratio(w_norm, torch.linalg.vector_norm(update), group["max_trust_ratio"])
+                    p.add_(update.mul_(ratio).to(p.dtype), alpha=-group["lr"])
+
+        if partitioned:
+            self._step_partitioned(partitioned)
+        return loss
+
+    def _step_partitioned(self, items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], FlatLayout]]) -> None:
+        """Apply per-parameter trust ratios to flat partitions, summing the norms over all ranks."""
+        # Per flat tensor: partial sums of w**2 and update**2 for each parameter of its group (zero for
+        # parameters not held here), as rows [w2, u2]; the last row collects the padding and is dropped.
+        partial = []
+        for p, update, _, layout in items:
+            lengths, keys = self._flat_pieces[p]
+            # one partition-sized temporary at a time
+            w_sq = torch.segment_reduce(p.float().square(), "sum", lengths=lengths)
+            u_sq = torch.segment_reduce(update.square(), "sum", lengths=lengths)
+            sums = torch.zeros(layout.num_params + 1, 2, device=p.device).index_add_(0, keys, torch.stack([w_sq, u_sq], 1))
+            partial.append(sums[: layout.num_params])
+
+        # One all-reduce per process group (normally just the data-parallel group), not per tensor.
+        by_group: dict[int, list[int]] = {}
+        for i, (_, _, _, layout) in enumerate(items):
+            if layout.process_group is not None:
+                by_group.setdefault(id(layout.process_group), []).append(i)
+        for indices in by_group.values():
+            packed = torch.cat([partial[i] for i in indices])
+            torch_dist.all_reduce(packed, op=torch_dist.ReduceOp.SUM, group=items[indices[0]][3].process_group)
+            for i, chunk in zip(indices, packed.split([len(partial[i]) for i in indices]), strict=True):
+                partial[i] = chunk
+
+        for (p, update, group, layout), sums in zip(items, partial, strict=True):
+            lengths, keys = self._flat_pieces[p]
+            norms = sums.sqrt()
+            ratios = _trust_ratio(norms[:, 0], norms[:, 1], group["max_trust_ratio"])
+            # padding elements get ratio 1; their update is 0 anyway (zero weight, zero gradient)
+            ratios = torch.cat([ratios, ratios.new_ones(1)])
+            scale = ratios[keys].repeat_interleave(lengths, output_size=layout.numel)
+            p.add_(update.mul_(scale).to(p.dtype), alpha=-group["lr"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading DeepSpeed's partition bookkeeping (attribute names as of DeepSpeed 0.19.8)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _zero_attr(obj: Any, name: str) -> Any:
+    """Read a ZeRO optimizer attribute, failing with a message that says what to update."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise RuntimeError(
+            f"{type(obj).__name__} has no attribute {name!r}: this DeepSpeed version lays out ZeRO partitions "
+            "differently from the one bert_ds.optim was written against (0.19.8); update the layout readers"
+        ) from None
+
+
+def zero12_layouts(zero_optimizer: Any) -> list[tuple[torch.Tensor, FlatLayout]]:
+    """Layouts of the flat fp32 partitions of a ZeRO 1/2 ``DeepSpeedZeroOptimizer``.
+
+    Per group ``i``, the parameters (reordered when ``round_robin_gradients`` is on) are flattened into
+    ``bit16_groups_flat[i]`` at ``round_robin_bit16_offsets[i]`` (gaps are ``parameter_alignment``
+    padding; the tail is padded so the buffer splits evenly) and rank ``r`` owns
+    ``[r * partition_size[i], (r + 1) * partition_size[i])`` as ``single_partition_of_fp32_groups[i]``.
+    Cross-checked against DeepSpeed's own ``params_in_partition`` and ``first_offset``.
+    """
+    layouts = []
+    flats = _zero_attr(zero_optimizer, "single_partition_of_fp32_groups")
+    for i, flat in enumerate(flats):
+        group = _zero_attr(zero_optimizer, "real_dp_process_group")[i]
+        rank = torch_dist.get_rank(group=group)
+        params = _zero_attr(zero_optimizer, "round_robin_bit16_groups")[i]
+        metas = _zero_attr(zero_optimizer, "round_robin_bit16_meta")[i]  # shapes even if storage is offloaded
+        offsets = _zero_attr(zero_optimizer, "round_robin_bit16_offsets")[i]
+        size = int(_zero_attr(zero_optimizer, "partition_size")[i])
+        segments = contiguous_partition_segments([m.numel() for m in metas], offsets, rank * size, size)
+
+        held = [params[s.param_index] for s in segments]
+        expected = [p for p in _zero_attr(zero_optimizer, "params_in_partition")[i] if p.numel() > 0]
+        first_offset = segments[0].param_start if segments else 0
+        ds_first_offset = _zero_attr(zero_optimizer, "first_offset")[i]
+        if [id(p) for p in held] != [id(p) for p in expected] or first_offset != ds_first_offset:
+            raise RuntimeError(f"ZeRO group {i}: computed partition layout disagrees with DeepSpeed's params_in_partition")
+        layouts.append((flat, FlatLayout(tuple(segments), len(params), flat.numel(), group)))
+    return layouts
+
+
+def zero3_layouts(zero_optimizer: Any) -> list[tuple[torch.Tensor, FlatLayout]]:
+    """Layouts of the flat fp32 partitions of a ZeRO 3 ``DeepSpeedZeroOptimizer_Stage3``.
+
+    Per sub-group ``i``, ``fp32_partitioned_groups_flat[i]`` is this rank's shards of the parameters
+    ``fp16_groups[i]`` back to back; each shard is ``param.ds_tensor.ds_numel`` elements, covering
+    elements ``[rank * shard, (rank + 1) * shard)`` of the parameter (``param.ds_numel`` elements, padded).
+    """
+    layouts = []
+    flats = _zero_attr(zero_optimizer, "fp32_partitioned_groups_flat")
+    for i, flat in enumerate(flats):
+        group = _zero_attr(zero_optimizer, "sub_group_process_groups")[i]
+        params = _zero_attr(zero_optimizer, "fp16_groups")[i]
+        shards = [p.ds_tensor.ds_numel for p in params]
+        if sum(shards) != flat.numel():
+            raise RuntimeError(f"ZeRO 3 sub-group {i}: shards sum to {sum(shards)}, flat partition has {flat.numel()}")
+        segments = sharded_params_segments([p.ds_numel for p in params], shards, torch_dist.get_rank(group=group))
+        layouts.append((flat, FlatLayout(tuple(segments), len(params), flat.numel(), group)))
+    return layouts
+
+
+def bf16_optimizer_layouts(bf16_optimizer: Any) -> list[tuple[torch.Tensor, FlatLayout]]:
+    """Layouts for DeepSpeed's ``BF16_Optimizer`` (bf16 + ZeRO 1 with fp32 gradient accumulation).
+
+    It flattens each group's parameters with no gaps, pads the tail so the buffer splits evenly and
+    gives rank ``r`` the ``r``-th equal part as ``fp32_groups_flat_partition[i]``.
+    """
+    layouts = []
+    flats = _zero_attr(bf16_optimizer, "fp32_groups_flat_partition")
+    for i, flat in enumerate(flats):
+        group = _zero_attr(bf16_optimizer, "real_dp_process_group")[i]
+        numels = [p.numel() for p in _zero_attr(bf16_optimizer, "bf16_groups")[i]]
+        offsets = [sum(numels[:k]) for k in range(len(numels))]
+        size = flat.numel()
+        segments = contiguous_partition_segments(numels, offsets, torch_dist.get_rank(group=group) * size, size)
+        layouts.append((flat, FlatLayout(tuple(segments), len(numels), size, group)))
+    return layouts
+
+
+def configure_lamb_for_zero(engine: Any) -> int:
+    """Make a :class:`Lamb` client optimizer compute per-parameter trust ratios under ZeRO.
+
+    Call it on every rank right after ``deepspeed.initialize`` (before the first step); calling it again
+    (e.g. after loading a checkpoint) replaces the earlier layouts. Without it, Lamb under ZeRO silently
+    takes one trust ratio per partition. It does nothing when the optimizer is not our Lamb or when Lamb
+    sees whole parameters: ZeRO stage 0 in fp32, or fp16/bf16 at stage 0, where DeepSpeed's unfused fp16
+    wrapper keeps one fp32 copy per parameter. bf16 with ZeRO 1 and fp32 gradient accumulation goes
+    through DeepSpeed's partitioning ``BF16_Optimizer``, which is handled here too.
+
+    Returns:
+        The number of flat partitions that were given a layout (0 when there was nothing to do).
+    """
+    lamb = engine.basic_optimizer
+    if not isinstance(lamb, Lamb):
+        return 0
+    wrapper = engine.optimizer
+    if wrapper is lamb:
+        return 0
+
+    # imported here so that bert_ds.optim stays importable (and fast to import) without DeepSpeed
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        return 0
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        layouts = zero3_layouts(wrapper)
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
+        layouts = zero12_layouts(wrapper)
+    elif isinstance(wrapper, BF16_Optimizer):
+        layouts = bf16_optimizer_layouts(wrapper)
+    else:
+        # refusing beats a silently wrong trust ratio
+        raise NotImplementedError(f"Lamb under DeepSpeed's {type(wrapper).__name__} is not supported")
+
+    for flat in list(lamb.flat_layouts):  # idempotent: forget partitions from an earlier call
+        lamb.set_flat_layout(flat, None)
+    for flat, layout in layouts:
+        lamb.set_flat_layout(flat, layout)
+    logger.info(
+        "LAMB under %s: per-parameter trust ratios over %d flat partitions (%d local parameter slices)",
+        type(wrapper).__name__,
+        len(layouts),
+        sum(len(layout.segments) for _, layout in layouts),
+    )
+    return len(layouts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing and building the optimizer
+# ---------------------------------------------------------------------------------------------------
+
+
+class OptimizerImpl(str, Enum):
+    """The optimizer implementations bert-ds can use."""
+
+    LAMB = "bert_ds.optim.Lamb"
+    FUSED_LAMB = "deepspeed.ops.lamb.FusedLamb"
+    ADAMW = "torch.optim.AdamW"
+    FUSED_ADAM = "deepspeed.ops.adam.FusedAdam"
+
+
+OPTIMIZER_NAMES = ("lamb", "adamw")
+
+
+def select_optimizer_impl(name: str, device_type: str, zero_stage: int = 0) -> OptimizerImpl:
+    """Pick the implementation for optimizer ``name`` on ``device_type`` at ZeRO stage ``zero_stage``.
+
+    On CUDA the fused DeepSpeed kernels are used, except FusedLamb under ZeRO: it computes one trust
+    ratio per flat partition (the defect this module exists to fix), so our Lamb is used there.
+    Elsewhere: our Lamb, or ``torch.optim.AdamW``.
+
+    FusedLamb is not the same LAMB as ours: it folds bias correction into the step size
+    (``lr * sqrt(1 - beta2**t) / (1 - beta1**t)``, so eps and weight decay act on the uncorrected
+    moments), adapts every parameter (NVLAMB) and clamps the ratio to [0.01, 10]. Steps match ours
+    only once bias correction has died out; prefer our Lamb when runs must agree across devices.
+    """
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZER_NAMES}")
+    on_cuda = device_type == "cuda"
+    if name == "adamw":
+        # elementwise, so partitioning cannot change its result
+        return OptimizerImpl.FUSED_ADAM if on_cuda else OptimizerImpl.ADAMW
+    return OptimizerImpl.FUSED_LAMB if on_cuda and zero_stage == 0 else OptimizerImpl.LAMB
+
+
+def build_optimizer(
+    param_groups: list[dict[str, Any]],
+    name: str,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    device_type: str,
+    zero_stage: int = 0,
+    max_trust_ratio: float | None = 10.0,
+    use_nvlamb: bool = False,
+) -> torch.optim.Optimizer:
+    """Build the optimizer chosen by :func:`select_optimizer_impl`.
+
+    ``weight_decay`` is the default for groups that do not set their own (those from
+    :func:`build_param_groups` do). ``max_trust_ratio`` and ``use_nvlamb`` apply to LAMB only.
+    Under ZeRO, call :func:`configure_lamb_for_zero` after ``deepspeed.initialize``.
+    """
+    impl = select_optimizer_impl(name, device_type, zero_stage)
+    logger.info("optimizer %s: using %s", name, impl.value)
+    if impl is OptimizerImpl.LAMB:
+        return Lamb(
+            param_groups,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            max_trust_ratio=max_trust_ratio,
+            use_nvlamb=use_nvlamb,
+        )
+    if impl is OptimizerImpl.ADAMW:
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if impl is OptimizerImpl.FUSED_ADAM:
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
+    from deepspeed.ops.lamb import FusedLamb
+
+    if not use_nvlamb:
+        logger.warning("FusedLamb adapts every parameter (NVLAMB); use_nvlamb=False is not honoured on CUDA")
+    # min_coeff=0: ours has no lower clamp; FusedLamb's default (0.01) would be one more difference
+    return FusedLamb(
+        param_groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        max_coeff=math.inf if max_trust_ratio is None else max_trust_ratio,
+        min_coeff=0.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate schedules
+# ---------------------------------------------------------------------------------------------------
+
+SCHEDULE_NAMES = ("linear", "polynomial", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, **kw: Any
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A warmup-then-decay LR schedule, counted in optimizer steps; pass it as ``deepspeed.initialize(lr_scheduler=...)``.
+
+    All schedules come from ``transformers.get_scheduler`` (the same curves as HF's Trainer and the
+    BERT reference code, already tested there). The LR of optimizer step ``k`` (0-based) is
+    ``base_lr * f(k)``: warmup climbs linearly from 0 at step 0 to the base LR at ``warmup_steps``.
+
+    Args:
+        optimizer: the optimizer whose group LRs are scheduled (build it before ``deepspeed.initialize``).
+        name: one of ``SCHEDULE_NAMES``.
+        warmup_steps: optimizer steps of linear warmup (ignored by ``constant``).
+        total_steps: optimizer steps of the whole run; the decay reaches its end here.
+        **kw: schedule options: ``power`` and ``lr_end`` (absolute LR, default 1e-7) for ``polynomial``;
+            ``num_cycles`` for ``cosine`` (default 0.5, a half cosine) and ``cosine_with_restarts`` (default 1).
+    """
+    from transformers import get_scheduler
+
+    if name not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown LR schedule {name!r}; expected one of {SCHEDULE_NAMES}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
+    if name == "constant" and warmup_steps:
+        logger.warning("LR schedule 'constant' ignores warmup_steps=%d; use 'constant_with_warmup'", warmup_steps)
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=kw or None,
+    )
