@@ -46,9 +46,10 @@ class Setup:
 
 
 def train(cfg: RunConfig) -> checkpoint.TrainState:
+    vocab = resolve_vocab(cfg)  # before any rendezvous: a wrong vocabulary fails in seconds, on every rank
     ctx = dist.init(cfg.train.device)
     _configure_logging(ctx)
-    setup = _build(cfg, ctx)
+    setup = _build(cfg, ctx, vocab)
     engine, run_dir = setup.engine, setup.run_dir
     state = _restore(setup)
 
@@ -253,11 +254,10 @@ def _configure_logging(ctx: dist.DistContext) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _build(cfg: RunConfig, ctx: dist.DistContext) -> Setup:
+def _build(cfg: RunConfig, ctx: dist.DistContext, vocab: Vocab) -> Setup:
     import deepspeed
 
     run_dir = Path(cfg.run_dir)
-    vocab = resolve_vocab(cfg)
     ds_config = build_ds_config(cfg, ctx.world_size)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,15 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 def synthetic_documents(num_docs: int, seed: int = 0, num_topics: int = 20, sentences_per_doc: tuple[int, int] = (4, 12)) -> list[str]:
     rng = random.Random(seed)
+    # every topic owns its nouns, verbs, adjectives and places: each word of a sentence
+    # tells its topic, which is what makes a random next sentence recognisable
     topics = [
-        {"nouns": [_word(rng, 2) for _ in range(6)], "verbs": [_word(rng, 2) + "s" for _ in range(4)]}
+        {
+            "nouns": [_word(rng, 2) for _ in range(6)],
+            "verbs": [_word(rng, 2) + "s" for _ in range(4)],
+            "adjectives": rng.sample(_ADJECTIVES, 3),
+            "places": rng.sample(_PLACES, 2),
+        }
         for _ in range(num_topics)
     ]
     docs = []
@@ -50,8 +57,8 @@ def synthetic_documents(num_docs: int, seed: int = 0, num_topics: int = 20, sent
         for _ in range(rng.randint(*sentences_per_doc)):
             obj = rng.choice([n for n in topic["nouns"] if n != subject])
             verb = rng.choice(topic["verbs"])
-            adjective = rng.choice(_ADJECTIVES)
-            place = rng.choice(_PLACES)
+            adjective = rng.choice(topic["adjectives"])
+            place = rng.choice(topic["places"])
             sentences.append(f"The {adjective} {subject} {verb} the {obj} {place}.")
             subject = obj  # the story continues from the object: what makes a true next sentence
         docs.append(" ".join(sentences))

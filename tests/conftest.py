@@ -52,3 +52,77 @@ def vocab_dir(corpus_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vocab")
     run_module("data_tools.train_tokenizer", "--input", corpus_dir, "--output", out, "--vocab-size", "400")
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> dict:
+    """Environment for multi-rank tests: loopback only, one thread per rank, the project's op cache."""
+    return {
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def deepspeed_launch(module: str, *args: str, num_ranks: int = 2, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module ...` on 127.0.0.1, real ranks."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", module, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **dist_env()})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="session")
+def pretraining_shards(tmp_path_factory) -> dict:
+    """A synthetic corpus with learnable structure -> vocab -> train and held-out shards."""
+    from data_tools.sample_corpus import synthetic_documents, write_corpus
+
+    d = tmp_path_factory.mktemp("pretraining")
+    write_corpus(synthetic_documents(1500, seed=7), d / "corpus.txt")
+    run_module("data_tools.train_tokenizer", "--input", d / "corpus.txt", "--output", d / "vocab", "--vocab-size", "400")
+    run_module("data_tools.preprocess", "--input", d / "corpus.txt", "--tokenizer", d / "vocab", "--output-prefix", d / "train",
+               "--valid-fraction", "0.05", "--workers", "1")
+    return {"dir": d, "vocab": d / "vocab", "train": d / "train", "valid": d / "train_valid"}
+
+
+def write_run_config(path: Path, shards: dict, run_dir: Path, **sections) -> Path:
+    """A small, fast run config; `sections` update its sections (e.g. train={"zero_stage": 2})."""
+    import yaml
+
+    cfg = {
+        "run_dir": str(run_dir),
+        "seed": 1234,
+        "model": {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2}},
+        "data": {"train_prefix": str(shards["train"]), "valid_prefix": str(shards["valid"]), "max_seq_length": 64, "num_workers": 1},
+        "train": {"max_steps": 20, "micro_batch_size": 8, "precision": "fp32", "zero_stage": 0, "log_interval": 1},
+        "optimizer": {"name": "lamb", "lr": 5e-3},
+        "scheduler": {"name": "linear", "warmup_steps": 2},
+        "checkpoint": {"interval_steps": 0, "keep_last": 2},
+        "eval": {"interval_steps": 0, "num_samples": 64},
+        "logging": {"peak_tflops_per_device": 1.0},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg[section] = {**cfg.get(section, {}), **values}
+        else:
+            cfg[section] = values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
