@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.bert-ds-setup
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -44,6 +44,9 @@ test: setup
 # the quick inner loop: everything but the multi-process tests
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check bert_ds data_tools tests bench
 
 demo: setup
 	PYTHON=$(PY) bash launch/demo.sh

@@ -295,7 +295,9 @@ class IndexedDataset:
                 piece = self.tokens[start : start + _CHUNK * 8]
                 if len(piece) and int(piece.max()) >= vocab_size:
                     bad = start + int(np.argmax(piece >= vocab_size))
-                    raise IndexedDatasetError(f"{bin_path(self.prefix)}: token id {int(self.tokens[bad])} at position {bad} is outside the vocabulary (size {vocab_size})")
+                    raise IndexedDatasetError(
+                        f"{bin_path(self.prefix)}: token id {int(self.tokens[bad])} at position {bad} is outside the vocabulary (size {vocab_size})"
+                    )
 
 
 def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> IndexedDataset:

@@ -17,7 +17,7 @@ from bert_ds.config import ConfigError, load_run_config
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     """CONFIG plus overrides; drops the ``--local_rank=N`` the deepspeed launcher appends (we read LOCAL_RANK)."""
     args, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue

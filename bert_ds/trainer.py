@@ -157,7 +157,7 @@ def _reduce(sums: torch.Tensor) -> dict[str, float]:
     reduced = sums.clone()
     if tdist.is_initialized():
         tdist.all_reduce(reduced)
-    return dict(zip(_SUMS, reduced.tolist()))
+    return dict(zip(_SUMS, reduced.tolist(), strict=True))
 
 
 def _train_metrics(engine, totals: dict[str, float], cfg: RunConfig) -> dict[str, float]:

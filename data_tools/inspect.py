@@ -25,7 +25,7 @@ def summarize(ds: IndexedDataset) -> dict:
     lengths = np.asarray(ds.sequence_lengths)
     sentences_per_doc = np.diff(ds.document_indices)
     hist_counts, _ = np.histogram(lengths, bins=_EDGES + [max(int(lengths.max(initial=0)) + 1, 513)])
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(_EDGES, _EDGES[1:])] + [f"{_EDGES[-1]}+"]
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(_EDGES, _EDGES[1:], strict=False)] + [f"{_EDGES[-1]}+"]
     return {
         "prefix": ds.prefix,
         "dtype": ds.dtype.name,
@@ -36,7 +36,7 @@ def summarize(ds: IndexedDataset) -> dict:
         "sentence_tokens": _stats(lengths),
         "sentences_per_document": _stats(sentences_per_doc),
         "documents_with_one_sentence": int((sentences_per_doc == 1).sum()),
-        "sentence_length_histogram": dict(zip(labels, hist_counts.tolist())),
+        "sentence_length_histogram": dict(zip(labels, hist_counts.tolist(), strict=True)),
     }
 
 

@@ -25,7 +25,7 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
     hashes = {m["tokenizer"]["vocab_sha256"] for m in metas if m}
     if len(hashes) > 1:
         raise IndexedDatasetError("cannot merge shards tokenized with different vocabularies: " + ", ".join(
-            f"{p}: {m['tokenizer']['vocab_sha256'][:12]}" for p, m in zip(inputs, metas) if m))
+            f"{p}: {m['tokenizer']['vocab_sha256'][:12]}" for p, m in zip(inputs, metas, strict=True) if m))
     ds = merge_datasets(inputs, output_prefix)
     base = next((m for m in metas if m), {})
     write_metadata(

@@ -22,7 +22,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     if summary["files_skipped"]:
         print(f"skipped {len(summary['files_skipped'])} unreadable file(s): " + "; ".join(f["reason"] for f in summary["files_skipped"]), file=sys.stderr)
     if summary["invalid_utf8_sequences_replaced"]:
-        print(f"replaced {summary['invalid_utf8_sequences_replaced']:,} invalid UTF-8 sequence(s) in {summary['docs_with_invalid_utf8']:,} document(s)", file=sys.stderr)
+        replaced, docs = summary["invalid_utf8_sequences_replaced"], summary["docs_with_invalid_utf8"]
+        print(f"replaced {replaced:,} invalid UTF-8 sequence(s) in {docs:,} document(s)", file=sys.stderr)
     print(json.dumps(summary))
 
 

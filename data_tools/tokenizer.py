@@ -145,7 +145,7 @@ class SentenceEncoder:
         misses.discard("")
         if misses:
             miss_list = list(misses)
-            for word, enc in zip(miss_list, self.tok.encode_batch_fast(miss_list, add_special_tokens=False)):
+            for word, enc in zip(miss_list, self.tok.encode_batch_fast(miss_list, add_special_tokens=False), strict=True):
                 cache[word] = enc.ids
         cache[""] = []
         out = []
