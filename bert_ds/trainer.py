@@ -273,7 +273,10 @@ def _build(cfg: RunConfig, ctx: dist.DistContext, vocab: Vocab) -> Setup:
     sched = cfg.scheduler
     # each schedule takes only its own options
     options = {"polynomial": {"power": sched.power}, "cosine_with_restarts": {"num_cycles": sched.num_cycles}}.get(sched.name, {})
-    scheduler = build_scheduler(optimizer, sched.name, sched.warmup_steps, sched.resolve_total_steps(cfg.train.max_steps), **options)
+    total_steps = sched.resolve_total_steps(cfg.train.max_steps)
+    # a smoke run of a recipe (train.max_steps=10) keeps its warmup short rather than failing; config.py warned
+    warmup_steps = min(sched.warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, sched.name, warmup_steps, total_steps, **options)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     configure_lamb_for_zero(engine)
     # dropout differs per rank, as it would with independent GPUs; restored exactly on resume

@@ -86,7 +86,7 @@ def test_tensorboard_holds_every_listed_scalar_and_the_run_dir_its_files(learnin
     assert "step 800/800" in proc.stderr and "eval at step 800" in proc.stderr
 
 
-STAGE_PRECISION = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
+STAGE_PRECISION = [(stage, precision, False) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + [(2, "bf16", True)]
 
 
 def _cpu_fp16_supported() -> bool:
@@ -100,19 +100,20 @@ def _cpu_fp16_supported() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "stage, precision",
+    "stage, precision, offload",
     STAGE_PRECISION
     + [
-        pytest.param(2, "fp16", marks=pytest.mark.skipif(
+        pytest.param(2, "fp16", False, marks=pytest.mark.skipif(
             not _cpu_fp16_supported(),
             reason="THIS CPU HAS NO fp16 MATMUL (no AVX512-FP16/AMX-FP16): DeepSpeed's CPU accelerator refuses fp16; runs on GPUs")),
     ],  # fmt: skip
-    ids=lambda v: str(v),
+    ids=lambda v: {True: "offload", False: ""}.get(v, str(v)) if isinstance(v, bool) else str(v),
 )
-def test_every_zero_stage_and_precision_trains_on_two_ranks(stage, precision, pretraining_shards, tmp_path):
+def test_every_zero_stage_and_precision_trains_on_two_ranks(stage, precision, offload, pretraining_shards, tmp_path):
     config = write_run_config(
         tmp_path / "run.yaml", pretraining_shards, tmp_path / "run",
-        train={"max_steps": 30, "micro_batch_size": 8, "zero_stage": stage, "precision": precision, "log_interval": 1},
+        train={"max_steps": 30, "micro_batch_size": 8, "zero_stage": stage, "precision": precision, "log_interval": 1,
+               "offload_optimizer": offload},
         optimizer={"name": "lamb", "lr": 1e-2}, eval={"num_samples": 32},
     )
     train(config, ranks=2)
@@ -121,6 +122,7 @@ def test_every_zero_stage_and_precision_trains_on_two_ranks(stage, precision, pr
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5, curve
     ds_config = json.loads((tmp_path / "run" / "ds_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == stage and ds_config["train_batch_size"] == 16
+    assert ("offload_optimizer" in ds_config["zero_optimization"]) == offload
     marker = json.loads((tmp_path / "run" / "checkpoints" / "step00000030" / "bert_ds_complete.json").read_text())
     assert marker["world_size"] == 2 and marker["zero_stage"] == stage
 
