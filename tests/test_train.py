@@ -200,3 +200,17 @@ def test_phase_two_starts_from_phase_one_weights_with_its_own_sequence_length_an
     assert p2[1] < new[1] - 1.0  # starts where phase 1 left off, not from scratch
     assert p2[1] < p1[1]
     assert json.loads((tmp_path / "p2" / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 8
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_changes_memory_not_the_math(pretraining_shards, tmp_path):
+    runs = {}
+    for name, checkpointing in (("plain", False), ("recompute", True)):
+        model = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2},
+                 "activation_checkpointing": checkpointing}
+        config = write_run_config(tmp_path / f"{name}.yaml", pretraining_shards, tmp_path / name, model=model,
+                                  train={"max_steps": 6, "micro_batch_size": 8, "log_interval": 1})
+        train(config)
+        runs[name] = losses(tmp_path / name)
+    # dropout stays on: the recomputed forward replays the same RNG state
+    assert np.allclose(list(runs["plain"].values()), list(runs["recompute"].values()), rtol=1e-5)
