@@ -58,9 +58,11 @@ class BertForPreTrainingSparse(BertForPreTraining):
         mlm_logits = self.cls.predictions(masked_hidden)
         nsp_logits = self.cls.seq_relationship(pooled_output)
         # losses in fp32 whatever the compute dtype: log-softmax over 30k classes loses precision in bf16
-        mlm_loss = F.cross_entropy(mlm_logits.float(), masked_labels) if masked_labels.numel() else mlm_logits.sum() * 0.0
+        mlm_logits = mlm_logits.float()
+        mlm_loss = F.cross_entropy(mlm_logits, masked_labels) if masked_labels.numel() else mlm_logits.sum() * 0.0
         nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
         with torch.no_grad():
+            # argmax on the fp32 copy: on CPU a bf16 argmax over 30k classes costs ~5x more
             mlm_correct = (mlm_logits.argmax(-1) == masked_labels).sum()
             nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
         return PretrainingOutput(
@@ -112,18 +114,21 @@ def _summarize(keys: list[str], limit: int = 6) -> str:
     return shown + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
 
 
-def training_flops_per_sample(config: BertConfig, seq_length: int, masked_per_sample: float) -> float:
-    """Model FLOPs of one training sample (forward + backward = 3x forward), for MFU.
+def training_flops(config: BertConfig, seq_length: int, num_samples: float, num_masked: float) -> float:
+    """Model FLOPs of training ``num_samples`` samples with ``num_masked`` predicted tokens in all (fwd + bwd = 3x fwd).
 
     Counts matmuls only (2 FLOPs per multiply-add): per token and layer the QKV/output
     projections (4 h^2), the MLP (2 h i) and attention scores and values (2 s h); the pooler
-    and NSP head per sample; the MLM head's transform (h^2) and decoder (h v) on masked rows.
+    and NSP head per sample; the MLM head's transform (h^2) and decoder (h v) per masked token.
     """
     h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    per_token_layer = 4 * h * h + 2 * h * i + 2 * seq_length * h
-    encoder = layers * per_token_layer * seq_length
-    heads = masked_per_sample * (h * h + h * v) + (h * h + 2 * h)
-    return 3 * 2 * (encoder + heads)
+    per_sample = layers * (4 * h * h + 2 * h * i + 2 * seq_length * h) * seq_length + (h * h + 2 * h)
+    per_masked = h * h + h * v
+    return 3 * 2 * (num_samples * per_sample + num_masked * per_masked)
+
+
+def training_flops_per_sample(config: BertConfig, seq_length: int, masked_per_sample: float) -> float:
+    return training_flops(config, seq_length, 1, masked_per_sample)
 
 
 def save_hf_config(model: BertForPreTraining, out_dir: str | Path) -> None:

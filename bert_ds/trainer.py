@@ -22,7 +22,7 @@ from bert_ds import checkpoint, dist, metrics
 from bert_ds.config import RunConfig, save_resolved
 from bert_ds.ds_config import build_ds_config
 from bert_ds.masking import continuation_table
-from bert_ds.model import build_model, training_flops_per_sample
+from bert_ds.model import build_model, training_flops, training_flops_per_sample
 from bert_ds.optim import build_optimizer, build_param_groups, build_scheduler, configure_lamb_for_zero
 from bert_ds.pretraining_data import PretrainingDataset, build_dataloader, collate
 from bert_ds.vocab import Vocab, resolve_vocab
@@ -58,14 +58,15 @@ def train(cfg: RunConfig) -> checkpoint.TrainState:
         train_set, cfg.train.micro_batch_size, ctx.rank, ctx.world_size, state.consumed_samples, cfg.data.num_workers, cfg.seed
     )
     batches = iter(loader)
-    eval_set = _eval_dataset(cfg, setup.vocab)
+    eval_set = build_eval_dataset(cfg, setup.vocab)
 
     global_batch = cfg.train.global_batch(ctx.world_size)
-    masked_per_sample = cfg.data.max_predictions() if cfg.data.max_predictions_per_seq else cfg.data.max_seq_length * cfg.data.mask_prob
-    flops = training_flops_per_sample(engine.module.config, cfg.data.max_seq_length, masked_per_sample)
+    bert_config, seq_length = engine.module.config, cfg.data.max_seq_length
+    flops = training_flops_per_sample(bert_config, seq_length, cfg.data.max_predictions())
     peak = cfg.logging.peak_tflops_per_device or metrics.measure_peak_tflops(ctx.device, _PRECISION_DTYPE[cfg.train.precision])
     sink = metrics.build_sink(ctx.is_main and cfg.logging.tensorboard, run_dir / "tensorboard")
-    throughput = metrics.Throughput(flops, ctx.world_size, peak)
+    # MFU counts the masked tokens actually predicted, not the cap
+    throughput = metrics.Throughput(lambda samples, masked: training_flops(bert_config, seq_length, samples, masked), ctx.world_size, peak)
     console_every = cfg.logging.resolve_console_interval(cfg.train.log_interval)
     log.info(
         "training %s for %d steps: global batch %d = %d micro x %d accumulation x %d ranks, %d tokens per step; "
@@ -91,7 +92,7 @@ def train(cfg: RunConfig) -> checkpoint.TrainState:
             totals = _reduce(sums)  # all ranks: one all-reduce and a device-to-host sync
             state.tokens_seen += int(totals["tokens"])
             step_metrics = _train_metrics(engine, totals, cfg)
-            step_metrics.update(throughput.measure(samples_since_log, int(totals["tokens"])))
+            step_metrics.update(throughput.measure(samples_since_log, int(totals["tokens"]), totals["mlm_count"]))
             step_metrics.update(metrics.memory_metrics(ctx.device))
             sink.log(step_metrics, state.step)
             if state.step % console_every == 0 or last:
@@ -321,7 +322,12 @@ def _dataset(cfg: RunConfig, vocab: Vocab, prefixes, mask_prob: float, weights=N
     )
 
 
-def _eval_dataset(cfg: RunConfig, vocab: Vocab) -> PretrainingDataset | None:
+def build_eval_dataset(cfg: RunConfig, vocab: Vocab) -> PretrainingDataset | None:
+    """The fixed evaluation set of a run (None without ``data.valid_prefix``).
+
+    Public because ``bert_ds.evaluate`` rebuilds it outside training: a checkpoint, and its
+    Hugging Face export, are scored on exactly the samples and masks the trainer used.
+    """
     if not cfg.data.valid_prefix:
         return None
     # epoch 0 of a dataset whose epoch is exactly the eval set: fixed samples, fixed masks
