@@ -109,7 +109,8 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> BertForPreTrainingSparse:
     return model
 
 
-def _summarize(keys: list[str], limit: int = 6) -> str:
+def _summarize(keys, limit: int = 6) -> str:
+    keys = sorted(keys)  # transformers 5 reports sets
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
 
@@ -129,7 +130,3 @@ def training_flops(config: BertConfig, seq_length: int, num_samples: float, num_
 
 def training_flops_per_sample(config: BertConfig, seq_length: int, masked_per_sample: float) -> float:
     return training_flops(config, seq_length, 1, masked_per_sample)
-
-
-def save_hf_config(model: BertForPreTraining, out_dir: str | Path) -> None:
-    model.config.save_pretrained(out_dir)

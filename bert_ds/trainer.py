@@ -278,6 +278,8 @@ def _build(cfg: RunConfig, ctx: dist.DistContext, vocab: Vocab) -> Setup:
     # a smoke run of a recipe (train.max_steps=10) keeps its warmup short rather than failing; config.py warned
     warmup_steps = min(sched.warmup_steps, total_steps)
     scheduler = build_scheduler(optimizer, sched.name, warmup_steps, total_steps, **options)
+    if ctx.is_main:
+        model.config.save_pretrained(run_dir)  # config.json: export needs no access to model.init_from later
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     configure_lamb_for_zero(engine)
     # dropout differs per rank, as it would with independent GPUs; restored exactly on resume

@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # one thread per test process: CI has 2 cores and multi-rank tests start several processes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no model hub at test time: everything loads from local directories
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run_module(module: str, *args: str, check: bool = True, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
