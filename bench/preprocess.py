@@ -97,13 +97,15 @@ def main() -> None:
         rows = []
 
         def bert_ds(name: str, path: Path, workers: int) -> dict:
-            r = run_measured([py, "-m", "data_tools.preprocess", "--input", str(path), "--tokenizer", str(tmp / "vocab"),
-                              "--output-prefix", str(tmp / name), "--workers", str(workers), "--progress", "off"])
+            cmd = [py, "-m", "data_tools.preprocess", "--input", str(path), "--tokenizer", str(tmp / "vocab"),
+                   "--output-prefix", str(tmp / name), "--workers", str(workers), "--progress", "off"]
+            r = run_measured(cmd)
             summary = json.loads(r["stdout"].strip().splitlines()[-1])
             row = {"name": name, "mb": path.stat().st_size / 1e6, "workers": workers, "seconds": r["seconds"],
                    "mb_per_s": path.stat().st_size / 1e6 / r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "tokens": summary["tokens"]}
             rows.append(row)
-            print(f"  {name:<28} {row['mb']:7.1f} MB  {workers} workers  {row['seconds']:6.1f} s  {row['mb_per_s']:6.2f} MB/s  peak RSS {row['peak_rss_mb']:6.0f} MB", flush=True)
+            print(f"  {name:<28} {row['mb']:7.1f} MB  {workers} workers  {row['seconds']:6.1f} s  "
+                  f"{row['mb_per_s']:6.2f} MB/s  peak RSS {row['peak_rss_mb']:6.0f} MB", flush=True)
             return row
 
         print("bert-ds data_tools.preprocess (sentence splitting on):")
@@ -122,9 +124,11 @@ def main() -> None:
             script = tmp / "baseline.py"
             script.write_text(BASELINE)
             r = run_measured([py, str(script), str(corpus), str(tmp / "vocab"), str(tmp / "hf_cache"), "2"])
-            base = {"name": "hf_datasets_map_2proc", "mb": size / 1e6, "seconds": r["seconds"], "mb_per_s": size / 1e6 / r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+            base = {"name": "hf_datasets_map_2proc", "mb": size / 1e6, "seconds": r["seconds"],
+                    "mb_per_s": size / 1e6 / r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
             rows.append(base)
-            print(f"baseline: HF datasets.map + BertTokenizerFast, 2 processes, no sentence splitting: {base['mb_per_s']:.2f} MB/s, peak RSS {base['peak_rss_mb']:.0f} MB")
+            print(f"baseline: HF datasets.map + BertTokenizerFast, 2 processes, no sentence splitting: "
+                  f"{base['mb_per_s']:.2f} MB/s, peak RSS {base['peak_rss_mb']:.0f} MB")
         best = results[max(args.workers)]
         print("\nresults:")
         if base:

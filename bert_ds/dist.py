@@ -10,6 +10,9 @@ Where the rank comes from, in order (``discover_ranks``, a pure function):
 The master address is never guessed from a network interface (DeepSpeed's fallback uses
 ``hostname -I``, which picks whatever NIC comes first): it comes from MASTER_ADDR, or under
 SLURM from the first host of the job's node list; a single process uses 127.0.0.1.
+
+For the preflight (``bert_ds.preflight``) it also tells which node a rank runs on (``discover_node``)
+and on which host every rank is expected (``expected_rank_hosts``), to name a rank that never arrived.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+
+from bert_ds.hostfile import HostfileError, expand_nodelist, expand_tasks_per_node, read_hostfile
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,77 @@ def slurm_master_addr(env: Mapping[str, str]) -> str | None:
     return m.group(1) if m else first
 
 
+def set_rendezvous_address(info: RankInfo, env: MutableMapping[str, str]) -> tuple[str, int]:
+    """Fill in MASTER_ADDR / MASTER_PORT (explicit, or the first SLURM node; never an interface guess).
+
+    ``init`` calls this; ``bert_ds.preflight`` calls it before ``init`` to rendezvous on the same address.
+    """
+    if info.source == "single":
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in env:
+        addr = slurm_master_addr(env) if info.source == "slurm" else None
+        if addr is None:
+            raise DistributedSetupError(
+                f"MASTER_ADDR is not set ({info.source} started {info.world_size} ranks): pass --master_addr to the launcher "
+                "or export MASTER_ADDR (bert-ds never guesses an address from the network interfaces)"
+            )
+        env["MASTER_ADDR"] = addr
+    env.setdefault("MASTER_PORT", "29500")
+    return env["MASTER_ADDR"], int(env["MASTER_PORT"])
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str  # SLURMD_NODENAME under srun, else the host name
+    node_rank: int | None  # index of the node in the job: CROSS_RANK (deepspeed), GROUP_RANK (torchrun), SLURM_NODEID
+    local_world_size: int | None  # ranks on this node
+
+
+def discover_node(info: RankInfo, env: Mapping[str, str], hostname: str) -> NodeInfo:
+    """Which node a rank runs on, as its launcher tells it (several emulated nodes may share one host name)."""
+
+    def _int(name: str) -> int | None:
+        value = env.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    if info.source == "launcher":
+        node_rank = _int("CROSS_RANK") if "CROSS_RANK" in env else _int("GROUP_RANK")
+        local = _int("LOCAL_SIZE") if "LOCAL_SIZE" in env else _int("LOCAL_WORLD_SIZE")
+    elif info.source == "slurm":
+        node_rank = _int("SLURM_NODEID")
+        try:
+            counts = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+        except HostfileError:
+            counts = []
+        local = counts[node_rank] if node_rank is not None and node_rank < len(counts) else None
+    elif info.source == "openmpi":
+        node_rank, local = None, _int("OMPI_COMM_WORLD_LOCAL_SIZE")
+    elif info.source == "mpich":
+        node_rank, local = None, _int("MPI_LOCALNRANKS")
+    else:
+        node_rank, local = 0, 1
+    return NodeInfo(env.get("SLURMD_NODENAME") or hostname, node_rank, local)
+
+
+def expected_rank_hosts(env: Mapping[str, str]) -> list[str] | None:
+    """The host each rank should run on, from the SLURM task layout or the hostfile; None when nothing says.
+
+    Only used to name a missing rank's host in an error. DeepSpeed numbers ranks in hostfile order
+    (the launch scripts export the hostfile's path as BERT_DS_HOSTFILE); srun places tasks in blocks by default.
+    """
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    try:
+        if "RANK" not in env and "SLURM_PROCID" in env and nodelist and tasks:
+            return [h for h, n in zip(expand_nodelist(nodelist), expand_tasks_per_node(tasks), strict=False) for _ in range(n)]
+        if env.get("BERT_DS_HOSTFILE"):
+            return [e.host for e in read_hostfile(env["BERT_DS_HOSTFILE"]) for _ in range(e.slots)]
+    except HostfileError:
+        pass
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,18 +190,7 @@ def init(device_preference: str = "auto", timeout_minutes: float = 10.0) -> Dist
     """Discover ranks, pin the device, and start DeepSpeed's process group (all ranks must call)."""
     env = os.environ
     info = discover_ranks(env)
-    if info.source == "single":
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
-    elif "MASTER_ADDR" not in env:
-        addr = slurm_master_addr(env) if info.source == "slurm" else None
-        if addr is None:
-            raise DistributedSetupError(
-                f"MASTER_ADDR is not set ({info.source} started {info.world_size} ranks): pass --master_addr to the launcher "
-                "or export MASTER_ADDR (bert-ds never guesses an address from the network interfaces)"
-            )
-        env["MASTER_ADDR"] = addr
-    env.setdefault("MASTER_PORT", "29500")
+    set_rendezvous_address(info, env)
     # torch.distributed's env:// rendezvous reads these names whatever launched us
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
     device_type, index, backend = select_device(device_preference, info.local_rank, torch.cuda.is_available(), torch.cuda.device_count())

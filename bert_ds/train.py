@@ -39,11 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     from bert_ds import dist, trainer
+    from bert_ds.preflight import PreflightError
 
     try:
         trainer.train(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    except PreflightError as e:
+        raise SystemExit(f"preflight failed: {e}") from None
     finally:
         dist.shutdown()
 

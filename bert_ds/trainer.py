@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from bert_ds import checkpoint, dist, metrics
+from bert_ds import checkpoint, dist, metrics, preflight
 from bert_ds.config import RunConfig, save_resolved
 from bert_ds.ds_config import build_ds_config
 from bert_ds.masking import continuation_table
@@ -47,7 +47,7 @@ class Setup:
 
 def train(cfg: RunConfig) -> checkpoint.TrainState:
     vocab = resolve_vocab(cfg)  # before any rendezvous: a wrong vocabulary fails in seconds, on every rank
-    ctx = dist.init(cfg.train.device)
+    ctx = preflight.checked_init(cfg)  # dist.init behind a rendezvous deadline, consistency checks and one all-reduce
     _configure_logging(ctx)
     setup = _build(cfg, ctx, vocab)
     engine, run_dir = setup.engine, setup.run_dir

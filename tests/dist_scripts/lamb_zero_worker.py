@@ -84,7 +84,7 @@ def layout_stats(lamb: Lamb) -> dict[str, int]:
     """Over all ranks: parameter slices beyond one per parameter (> 0: some parameter straddles ranks)
     and gaps between consecutive slices (> 0: padding inside a partition)."""
     layouts = list(lamb.flat_layouts.values())
-    gaps = sum(b.start > a.start + a.length for lay in layouts for a, b in zip(lay.segments, lay.segments[1:]))
+    gaps = sum(b.start > a.start + a.length for lay in layouts for a, b in zip(lay.segments, lay.segments[1:], strict=False))
     counts = torch.tensor([sum(len(lay.segments) for lay in layouts), gaps])
     torch.distributed.all_reduce(counts)
     return {"extra_slices": int(counts[0]) - sum(lay.num_params for lay in layouts), "inner_gaps": int(counts[1])}

@@ -1,0 +1,461 @@
+"""Preflight: prove that every rank is there and sees the same world before training starts.
+
+Run it on its own under any launcher, with the run config the job will use (rank 0 prints one
+table and "preflight OK"; on a problem every rank that is alive exits with the same message)::
+
+    deepspeed --hostfile hostfiles/example_2x8 --master_addr node001 --module bert_ds.preflight CONFIG.yaml
+    srun python -m bert_ds.preflight CONFIG.yaml          # (MODULE=bert_ds.preflight with any launch/ script)
+
+or before launching, on the launch node, to check a hostfile (exit status 2 on a problem)::
+
+    python -m bert_ds.preflight --hostfile hostfiles/example_2x8 --ssh        # parse, resolve, ssh to every host
+
+The trainer runs the same checks at start (``checked_init`` instead of ``dist.init``):
+
+1. **Rendezvous with a deadline.** Rank 0 opens the job's TCPStore on MASTER_ADDR:MASTER_PORT
+   (the one ``torch.distributed`` then reuses: multi-tenant) and every rank posts a report: host,
+   node, rank, local rank, device, versions of Python/torch/DeepSpeed/transformers/bert-ds, the
+   size of every data shard it sees, and the vocabulary's SHA-256. Rank 0 waits at most
+   ``BERT_DS_PREFLIGHT_TIMEOUT`` seconds (default 30) and then names the missing ranks and the
+   hosts they were expected on, instead of letting ``init_process_group`` wait 10 minutes.
+2. **Consistency.** Versions, shard sizes and vocabulary must match rank 0's; a node must not run
+   more ranks than it has GPUs; a multi-node gloo job must not rely on a host name that resolves to
+   loopback. Every rank raises the same :class:`PreflightError`.
+3. **One all-reduce** on the training backend: ``dist.init`` and the all-reduce must finish within
+   4x ``BERT_DS_PREFLIGHT_TIMEOUT`` (2 minutes by default; on hundreds of GPUs this includes NCCL's
+   communicator setup). A data plane that cannot connect (wrong GLOO_SOCKET_IFNAME /
+   NCCL_SOCKET_IFNAME, a firewall) ends the process with a message instead of a hang.
+
+Raise ``BERT_DS_PREFLIGHT_TIMEOUT`` where ranks start far apart (slow shared file systems,
+container pulls on hundreds of nodes): it is the longest gap allowed between the first and the
+last rank reaching the rendezvous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+
+from bert_ds.config import ConfigError, RunConfig
+from bert_ds.hostfile import HostfileError, check_hosts, read_hostfile
+
+log = logging.getLogger("bert_ds.preflight")
+
+TIMEOUT_ENV = "BERT_DS_PREFLIGHT_TIMEOUT"
+DEFAULT_TIMEOUT_S = 30.0
+COLLECTIVE_FACTOR = 4  # the process group and the first all-reduce get this many times the rendezvous wait
+_KEY = "bert_ds/preflight"
+_VERSIONED = ("torch", "deepspeed", "transformers", "bert-ds")
+
+
+class PreflightError(RuntimeError):
+    """The job cannot start: a rank is missing or sees a different world; the message says which and where."""
+
+
+def timeout_s(env: Mapping[str, str]) -> float:
+    value = env.get(TIMEOUT_ENV, "")
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise PreflightError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+
+
+# -- what one rank sees ------------------------------------------------------------------------
+
+
+def _version(dist_name: str) -> str:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def _shard_sizes(cfg: RunConfig) -> dict[str, dict[str, int | None]]:
+    prefixes = list(cfg.data.train_prefix) + ([cfg.data.valid_prefix] if cfg.data.valid_prefix else [])
+    sizes = {}
+    for prefix in prefixes:
+        sizes[prefix] = {}
+        for ext in ("bin", "idx"):
+            p = Path(f"{prefix}.{ext}")
+            sizes[prefix][ext] = p.stat().st_size if p.is_file() else None
+    return sizes
+
+
+def _loopback_hostname(env: Mapping[str, str]) -> str | None:
+    """The loopback address the host name resolves to, when gloo would pick its address that way."""
+    if env.get("GLOO_SOCKET_IFNAME"):
+        return None
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+    return addr if addr.startswith("127.") else None
+
+
+def local_report(cfg: RunConfig, env: Mapping[str, str]) -> dict:
+    """Everything rank 0 compares, as plain JSON-able values."""
+    import torch
+
+    from bert_ds import dist
+    from bert_ds.vocab import resolve_vocab
+
+    info = dist.discover_ranks(env)
+    hostname = socket.gethostname()
+    node = dist.discover_node(info, env, hostname)
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    try:
+        kind, index, backend = dist.select_device(cfg.train.device, info.local_rank, cuda, count)
+        device = f"{kind}:{index}" if index is not None else kind
+        device_error = None
+    except dist.DistributedSetupError as e:
+        device, backend, device_error = "none", "none", str(e)
+    try:
+        vocab = resolve_vocab(cfg)
+        vocab_info = {"path": vocab.path, "sha256": vocab.sha256, "size": vocab.size}
+    except ConfigError as e:
+        vocab_info = {"error": str(e)}
+    return {
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "local_rank": info.local_rank,
+        "source": info.source,
+        "host": hostname,
+        "node": node.name,
+        "node_rank": node.node_rank,
+        "local_world_size": node.local_world_size,
+        "pid": os.getpid(),
+        "device": device,
+        "device_error": device_error,
+        "backend": backend,
+        "cuda_devices": count,
+        "versions": {"python": sys.version.split()[0], **{name: _version(name) for name in _VERSIONED}, "torch_build": torch.__version__},
+        "shards": _shard_sizes(cfg),
+        "vocab": vocab_info,
+        "gloo_socket_ifname": env.get("GLOO_SOCKET_IFNAME", ""),
+        "loopback_hostname": _loopback_hostname(env),
+    }
+
+
+# -- what rank 0 concludes (pure) --------------------------------------------------------------
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _where(r: dict) -> str:
+    node = r["node"] if r["node"] == r["host"] else f"{r['node']} ({r['host']})"
+    return f"rank {r['rank']} on {node}"
+
+
+def _node_key(r: dict) -> tuple:
+    return (r["node"], r["node_rank"])
+
+
+def find_problems(reports: Mapping[int, dict]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) comparing every rank's report with rank 0's."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    ref = reports[min(reports)]
+    for rank in sorted(reports):
+        r = reports[rank]
+        if r["device_error"]:
+            errors.append(f"{_where(r)}: {r['device_error']}")
+        for name in ("python", "torch_build", "deepspeed", "transformers", "bert-ds"):
+            if r["versions"][name] != ref["versions"][name]:
+                errors.append(f"{_where(r)}: {name} {r['versions'][name]}, but {_where(ref)} has {ref['versions'][name]}")
+        if "error" in r["vocab"]:
+            errors.append(f"{_where(r)}: vocabulary: {r['vocab']['error']}")
+        elif "sha256" in ref["vocab"] and r["vocab"]["sha256"] != ref["vocab"]["sha256"]:
+            errors.append(
+                f"{_where(r)}: vocabulary {r['vocab']['path']} (sha256 {r['vocab']['sha256'][:12]}) differs from "
+                f"{_where(ref)}'s {ref['vocab']['path']} (sha256 {ref['vocab']['sha256'][:12]})"
+            )
+        for prefix, sizes in r["shards"].items():
+            for ext, size in sizes.items():
+                want = ref["shards"].get(prefix, {}).get(ext)
+                if size is None:
+                    errors.append(f"{_where(r)}: cannot see {prefix}.{ext} (not on this host's file system?)")
+                elif want is not None and size != want:
+                    errors.append(f"{_where(r)}: {prefix}.{ext} is {size:,} bytes, but {_where(ref)} sees {want:,} (a different or partial copy)")
+    # several ranks per node: compare with the node's GPUs
+    by_node: dict[tuple, list[dict]] = {}
+    for r in reports.values():
+        by_node.setdefault(_node_key(r), []).append(r)
+    for ranks in by_node.values():
+        first = min(ranks, key=lambda r: r["rank"])
+        gpus = first["cuda_devices"]
+        if gpus and len(ranks) > gpus:
+            errors.append(
+                f"node {first['node']} runs {len(ranks)} ranks but has {gpus} GPUs: set its slots (hostfile), "
+                f"--num_gpus or --ntasks-per-node to {gpus}"
+            )
+        elif gpus and len(ranks) < gpus and first["backend"] == "nccl":
+            warnings.append(f"node {first['node']} runs {_count(len(ranks), 'rank')} on {gpus} GPUs: {_count(gpus - len(ranks), 'GPU')} stay idle")
+    if len(by_node) > 1:
+        for r in sorted(reports.values(), key=lambda r: r["rank"]):
+            if r["backend"] == "gloo" and r["loopback_hostname"]:
+                errors.append(
+                    f"{_where(r)}: GLOO_SOCKET_IFNAME is not set and the host name {r['host']} resolves to "
+                    f"{r['loopback_hostname']} (loopback), so ranks on other nodes cannot reach this one; "
+                    "export GLOO_SOCKET_IFNAME=<the network interface between the nodes>"
+                )
+    return errors, warnings
+
+
+def missing_ranks_message(missing: list[int], reports: Mapping[int, dict], world_size: int, timeout: float, env: Mapping[str, str]) -> str:
+    from bert_ds.dist import expected_rank_hosts
+
+    hosts = expected_rank_hosts(env)
+    expected = [f"rank {r}" + (f" (expected on {hosts[r]})" if hosts and r < len(hosts) else "") for r in missing]
+    present = ", ".join(_where(reports[r]) for r in sorted(reports))
+    return (
+        f"{len(missing)} of {world_size} ranks did not reach the rendezvous at {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')} "
+        f"within {timeout:.0f} s: {', '.join(expected)}. They died before the rendezvous, were never started, or cannot reach "
+        f"that address from their host: look at the launcher's output on those hosts. Reported: {present}. "
+        f"({TIMEOUT_ENV} sets the wait)"
+    )
+
+
+def format_table(reports: Mapping[int, dict]) -> str:
+    cols = ["rank", "node", "host", "local", "device", "python", "torch", "deepspeed", "transformers", "bert-ds", "vocab", "shards (bytes)"]
+    rows = []
+    for rank in sorted(reports):
+        r = reports[rank]
+        shards = sum(size or 0 for sizes in r["shards"].values() for size in sizes.values())
+        v = r["versions"]
+        rows.append([
+            str(rank), r["node"], r["host"], str(r["local_rank"]), r["device"], v["python"], v["torch_build"], v["deepspeed"],
+            v["transformers"], v["bert-ds"], r["vocab"].get("sha256", "ERROR")[:12], f"{shards:,}",
+        ])  # fmt: skip
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# -- the checks on live ranks ------------------------------------------------------------------
+
+
+def _report_key(rank: int) -> str:
+    return f"{_KEY}/report/{rank}"
+
+
+def _rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping[str, str]):
+    """Post this rank's report; rank 0 collects all of them and posts a verdict. Returns (store, reports)."""
+    from torch.distributed import TCPStore
+
+    from bert_ds.dist import expected_rank_hosts
+
+    rank, world = report["rank"], report["world_size"]
+    hosts = expected_rank_hosts(env)
+    try:
+        # multi_tenant: torch.distributed's env:// rendezvous later opens the same host:port in this
+        # process and reuses this server, so nothing is torn down and re-bound in between
+        store = TCPStore(addr, port, world, rank == 0, timedelta(seconds=timeout), wait_for_workers=False, multi_tenant=True)
+    except Exception as e:  # DistNetworkError / RuntimeError, depending on the torch version
+        if rank == 0:
+            raise PreflightError(f"{_where(report)}: cannot open the rendezvous on {addr}:{port}: {e} (is the port taken? set MASTER_PORT)") from None
+        master = f" (rank 0's host: {hosts[0]})" if hosts else ""
+        raise PreflightError(
+            f"{_where(report)}: could not reach the rendezvous at {addr}:{port}{master} within {timeout:.0f} s: rank 0 was never started "
+            f"or died before the rendezvous, or MASTER_ADDR/MASTER_PORT is wrong or blocked from this host ({str(e).splitlines()[0]})"
+        ) from None
+    store.set(_report_key(rank), json.dumps(report))
+    if rank != 0:
+        try:
+            # rank 0 may start up to `timeout` after us, then waits up to `timeout` for the others
+            store.wait([f"{_KEY}/verdict"], timedelta(seconds=2 * timeout + 10))
+            verdict = store.get(f"{_KEY}/verdict").decode()
+            store.add(f"{_KEY}/acks", 1)
+        except Exception as e:
+            raise PreflightError(f"{_where(report)}: lost rank 0 before its verdict ({str(e).splitlines()[0]}): see rank 0's output") from None
+        if verdict != "ok":
+            raise PreflightError(verdict)
+        return store, {}
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [r for r in range(world) if not store.check([_report_key(r)])]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    reports = {r: json.loads(store.get(_report_key(r))) for r in range(world) if r not in missing}
+    if missing:
+        verdict = missing_ranks_message(missing, reports, world, timeout, env)
+    else:
+        errors, warnings = find_problems(reports)
+        for w in warnings:
+            log.warning("preflight: %s", w)
+        verdict = "\n".join(errors)
+        if errors:
+            log.error("preflight: the ranks disagree:\n%s", format_table(reports))
+    store.set(f"{_KEY}/verdict", verdict or "ok")
+    if verdict:
+        # let the ranks that are there read the verdict before this store goes away
+        ack_deadline = time.monotonic() + 5
+        while int(store.add(f"{_KEY}/acks", 0)) < len(reports) - 1 and time.monotonic() < ack_deadline:
+            time.sleep(0.1)
+        raise PreflightError(verdict)
+    return store, reports
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str) -> Iterator[None]:
+    """Exit the process (status 1) with a message if the block takes longer than ``seconds``.
+
+    A rank blocked in a collective cannot be interrupted from Python; exiting lets the launcher
+    (deepspeed, srun --kill-on-bad-exit, mpirun) stop the rest of the job.
+    """
+    def expire() -> None:
+        log.critical("preflight: %s did not finish within %.0f s; exiting", what, seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _prebuild_deepspeed_comm_op() -> None:
+    # On CPU, deepspeed.init_distributed JIT-compiles its shared-memory comm op (~40 s when the
+    # TORCH_EXTENSIONS_DIR cache is cold). Building it here keeps that out of the deadlines below.
+    try:
+        from deepspeed.comm.torch import build_shm_op
+    except ImportError:
+        return
+    build_shm_op()
+
+
+def _configure_logging(rank: int) -> None:
+    # the trainer reconfigures logging (force=True) once dist.init has returned
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def checked_init(cfg: RunConfig):
+    """``dist.init`` behind the preflight: rendezvous with a deadline, consistency checks, one all-reduce.
+
+    All ranks must call it. Returns the :class:`bert_ds.dist.DistContext`; raises :class:`PreflightError`
+    (the same message on every rank that is alive) when the job cannot start.
+    """
+    import torch
+    import torch.distributed as tdist
+
+    from bert_ds import dist
+
+    env = os.environ
+    info = dist.discover_ranks(env)
+    _configure_logging(info.rank)
+    timeout = timeout_s(env)
+    report = local_report(cfg, env)
+    _prebuild_deepspeed_comm_op()
+    store = None
+    if info.world_size == 1:
+        reports = {0: report}
+        errors, warnings = find_problems(reports)
+        for w in warnings:
+            log.warning("preflight: %s", w)
+        if errors:
+            raise PreflightError("\n".join(errors))
+    else:
+        addr, port = dist.set_rendezvous_address(info, env)
+        t0 = time.monotonic()
+        store, reports = _rendezvous(report, addr, port, timeout, env)
+        log.info("preflight: all %d ranks reported in %.1f s", info.world_size, time.monotonic() - t0)
+    # 4x the rendezvous wait: on hundreds of GPUs the first all-reduce includes NCCL's communicator setup
+    with _deadline(COLLECTIVE_FACTOR * timeout, f"rank {info.rank}: starting the {report['backend']} process group and one all-reduce over "
+                   f"{info.world_size} ranks (check GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME and firewalls between the nodes)"):
+        ctx = dist.init(cfg.train.device)
+        t0 = time.monotonic()
+        x = torch.full((1,), float(ctx.rank + 1), device=ctx.device)
+        if tdist.is_initialized():
+            tdist.all_reduce(x)
+        got, want = float(x.item()), ctx.world_size * (ctx.world_size + 1) / 2  # .item(): a device-to-host sync
+        elapsed = time.monotonic() - t0
+    del store  # torch.distributed holds its own reference to the rendezvous server now
+    if got != want:
+        raise PreflightError(f"rank {ctx.rank}: all-reduce of rank+1 over {ctx.world_size} ranks gave {got}, expected {want}")
+    if ctx.is_main:
+        nodes = len({_node_key(r) for r in reports.values()})
+        log.info("preflight OK: %s on %s, %s all-reduce %.1f ms\n%s", _count(ctx.world_size, "rank"), _count(nodes, "node"), ctx.backend,
+                 1000 * elapsed, format_table(reports))
+    return ctx
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def check_hostfile(path: str, *, ssh: bool, node_rank: int | None = None, master_addr: str | None = None,
+                   env: Mapping[str, str] | None = None) -> list[str]:
+    """Launcher-side problems with a hostfile (empty: fine). Raises HostfileError for a malformed file."""
+    env = os.environ if env is None else env
+    entries = read_hostfile(path)
+    problems = []
+    if node_rank is not None and not 0 <= node_rank < len(entries):
+        problems.append(f"node rank {node_rank} is outside [0, {len(entries)}): {path} lists {len(entries)} hosts")
+    if master_addr:
+        try:
+            socket.getaddrinfo(master_addr, None)
+        except OSError as e:
+            problems.append(f"MASTER_ADDR {master_addr} does not resolve: {e.strerror or e}")
+    if ssh:
+        problems += check_hosts(entries, path, ssh=True, env=env)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bert_ds.preflight", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="run config (YAML) the job will use; run under the job's launcher")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for bert_ds.train")
+    p.add_argument("--hostfile", help="launch-node mode: check this hostfile instead of running on ranks")
+    p.add_argument("--ssh", action="store_true", help="with --hostfile: every host must resolve and accept a non-interactive ssh login")
+    p.add_argument("--node-rank", type=int, help="with --hostfile: this node's --node_rank (no-ssh mode)")
+    p.add_argument("--master-addr", help="with --hostfile: the rendezvous address, which must resolve here")
+    args, extra = p.parse_known_args(argv)
+    if args.hostfile:
+        try:
+            problems = check_hostfile(args.hostfile, ssh=args.ssh, node_rank=args.node_rank, master_addr=args.master_addr)
+        except HostfileError as e:
+            problems = [str(e)]
+        if problems:
+            sys.stderr.write("preflight: cannot launch with this hostfile:\n" + "".join(f"  {m}\n" for m in problems))
+            raise SystemExit(2)
+        entries = read_hostfile(args.hostfile)
+        sys.stderr.write(f"preflight: {args.hostfile}: {len(entries)} hosts, {sum(e.slots for e in entries)} ranks "
+                         f"({', '.join(f'{e.host}:{e.slots}' for e in entries)}){' reachable over ssh' if args.ssh else ''}\n")
+        return
+    if not args.config:
+        p.error("give a run config (on the ranks) or --hostfile (on the launch node)")
+    from bert_ds.config import load_run_config
+    from bert_ds.train import parse_args
+
+    config_path, overrides = parse_args([args.config, *args.overrides, *extra])  # drops the launcher's --local_rank
+    from bert_ds import dist
+
+    try:
+        checked_init(load_run_config(config_path, overrides))
+    except (ConfigError, PreflightError, dist.DistributedSetupError) as e:
+        raise SystemExit(f"preflight failed: {e}") from None
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
