@@ -292,7 +292,7 @@ def build_dataset(cfg_dict: dict):
     vocab = resolve_vocab(cfg)
     if vocab.size != VOCAB_SIZE:
         raise SystemExit(f"expected the {VOCAB_SIZE}-token bert-base-uncased vocabulary, got {vocab.size} tokens")
-    return cfg, trainer._dataset(cfg, vocab, cfg.data.train_prefix, cfg.data.mask_prob)
+    return cfg, trainer.build_train_dataset(cfg, vocab)
 
 
 def dump_batches(args, cfg, dataset, path: Path) -> dict:

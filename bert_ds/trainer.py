@@ -53,7 +53,7 @@ def train(cfg: RunConfig) -> checkpoint.TrainState:
     engine, run_dir = setup.engine, setup.run_dir
     state = _restore(setup)
 
-    train_set = _dataset(cfg, setup.vocab, cfg.data.train_prefix, cfg.data.mask_prob, weights=cfg.data.train_weights or None)
+    train_set = build_train_dataset(cfg, setup.vocab)
     loader = build_dataloader(
         train_set, cfg.train.micro_batch_size, ctx.rank, ctx.world_size, state.consumed_samples, cfg.data.num_workers, cfg.seed
     )
@@ -312,6 +312,11 @@ def _save(setup: Setup, state: checkpoint.TrainState) -> Path:
     cfg, ctx = setup.cfg, setup.ctx
     extra = {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "vocab_sha256": setup.vocab.sha256, "tokenizer": setup.vocab.path}
     return checkpoint.save(setup.engine, setup.checkpoint_dir, state, cfg.checkpoint.keep_last, ctx.rank, ctx.world_size, extra)
+
+
+def build_train_dataset(cfg: RunConfig, vocab: Vocab) -> PretrainingDataset:
+    """The run's training samples (public: ``bench/train_throughput.py`` feeds every contender exactly these)."""
+    return _dataset(cfg, vocab, cfg.data.train_prefix, cfg.data.mask_prob, weights=cfg.data.train_weights or None)
 
 
 def _dataset(cfg: RunConfig, vocab: Vocab, prefixes, mask_prob: float, weights=None, num_samples: int | None = None) -> PretrainingDataset:
