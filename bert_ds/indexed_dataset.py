@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from enum import IntEnum
 from pathlib import Path
 
@@ -263,10 +263,6 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
-
-    def iter_documents(self) -> Iterator[list[np.ndarray]]:
-        for d in range(self.num_documents):
-            yield self.document(d)
 
     def verify(self, vocab_size: int | None = None) -> None:
         """Check the whole file pair; raises :class:`IndexedDatasetError` naming the problem."""

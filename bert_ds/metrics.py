@@ -39,19 +39,6 @@ class TensorBoardSink(NullSink):
         self.writer.close()
 
 
-class MultiSink(NullSink):
-    def __init__(self, sinks: list[NullSink]):
-        self.sinks = sinks
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for s in self.sinks:
-            s.log(metrics, step)
-
-    def close(self) -> None:
-        for s in self.sinks:
-            s.close()
-
-
 def build_sink(is_logging_rank: bool, tensorboard_dir: Path | None) -> NullSink:
     if not is_logging_rank or tensorboard_dir is None:
         return NullSink()

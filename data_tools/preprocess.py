@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -107,7 +108,7 @@ def process_unit(unit: sources.WorkUnit) -> UnitResult:
         lengths: list[int] = []
         doc_counts: list[int] = []
         for sentences in doc_list:
-            ids_per_sentence = [ids for ids in (next(encoded) for _ in sentences)]
+            ids_per_sentence = [next(encoded) for _ in sentences]
             kept = [ids for ids in ids_per_sentence if ids]
             # a sentence of only characters the tokenizer deletes (control characters) has no tokens
             result.counts["empty_sentences_dropped"] += len(ids_per_sentence) - len(kept)
@@ -145,17 +146,13 @@ def _ordered_map(units: list[sources.WorkUnit], workers: int, tokenizer_dir: str
         return
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, options)) as pool:
-        pending: deque = deque()
         todo = iter(units)
-        for unit in todo:
-            pending.append(pool.apply_async(process_unit, (unit,)))
-            if len(pending) >= 2 * workers:
-                break
+        pending = deque(pool.apply_async(process_unit, (u,)) for u in itertools.islice(todo, 2 * workers))
         while pending:
             result = pending.popleft().get()
-            for unit in todo:
+            unit = next(todo, None)
+            if unit is not None:  # keep the window full: one unit in for each result out
                 pending.append(pool.apply_async(process_unit, (unit,)))
-                break
             yield result
 
 

@@ -14,7 +14,6 @@ are units of their own.
 
 from __future__ import annotations
 
-import codecs
 import glob
 import gzip
 import json
@@ -182,7 +181,6 @@ class _Utf8Decoder:
 
     def __init__(self, stats: ReadStats):
         self.stats = stats
-        self._decoder = codecs.getincrementaldecoder("utf-8")
 
     def __call__(self, data: bytes) -> tuple[str, int]:
         try:
