@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.bert-ds-setup
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup ops test test-fast lint demo bench clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -38,7 +38,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
-test: setup
+# DeepSpeed's CPU comm op, compiled once into TORCH_EXTENSIONS_DIR (about a minute the first time, then cached)
+ops: setup
+	$(PY) -m bert_ds.jit_ops
+
+test: ops
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # the quick inner loop: everything but the multi-process tests
@@ -48,7 +52,7 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check bert_ds data_tools tests bench
 
-demo: setup
+demo: ops
 	PYTHON=$(PY) bash launch/demo.sh
 
 bench: setup

@@ -199,6 +199,9 @@ def init(device_preference: str = "auto", timeout_minutes: float = 10.0) -> Dist
         torch.cuda.set_device(device)
     import deepspeed
 
+    from bert_ds import jit_ops
+
+    jit_ops.prebuild_comm_op()  # a no-op when the preflight built it; else it is built under our flock, not torch's lock file
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes))
     log.info("rank %d/%d (local %d, from %s) on %s, backend %s, master %s:%s", info.rank, info.world_size, info.local_rank,
              info.source, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])

@@ -47,6 +47,7 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 
+from bert_ds import jit_ops
 from bert_ds.config import ConfigError, RunConfig
 from bert_ds.hostfile import HostfileError, check_hosts, read_hostfile
 
@@ -333,16 +334,6 @@ def _deadline(seconds: float, what: str) -> Iterator[None]:
         timer.cancel()
 
 
-def _prebuild_deepspeed_comm_op() -> None:
-    # On CPU, deepspeed.init_distributed JIT-compiles its shared-memory comm op (~40 s when the
-    # TORCH_EXTENSIONS_DIR cache is cold). Building it here keeps that out of the deadlines below.
-    try:
-        from deepspeed.comm.torch import build_shm_op
-    except ImportError:
-        return
-    build_shm_op()
-
-
 def _configure_logging(rank: int) -> None:
     # the trainer reconfigures logging (force=True) once dist.init has returned
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -365,7 +356,8 @@ def checked_init(cfg: RunConfig):
     _configure_logging(info.rank)
     timeout = timeout_s(env)
     report = local_report(cfg, env)
-    _prebuild_deepspeed_comm_op()
+    # on CPU, init_distributed JIT-compiles a comm op (~1 min cold): done here, outside the deadlines below
+    jit_ops.prebuild_comm_op()
     store = None
     if info.world_size == 1:
         reports = {0: report}
