@@ -27,8 +27,6 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from bert_ds import jit_ops
-
 logger = logging.getLogger(__name__)
 
 # Substrings of parameter names that get no weight decay (BERT convention: biases and LayerNorm gains).
@@ -569,11 +567,9 @@ def build_optimizer(
     if impl is OptimizerImpl.FUSED_ADAM:
         from deepspeed.ops.adam import FusedAdam
 
-        jit_ops.prebuild("FusedAdamBuilder")  # compiled under our flock: a killed build cannot wedge later starts
         return FusedAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
     from deepspeed.ops.lamb import FusedLamb
 
-    jit_ops.prebuild("FusedLambBuilder")
     if not use_nvlamb:
         logger.warning("FusedLamb adapts every parameter (NVLAMB); use_nvlamb=False is not honoured on CUDA")
     # min_coeff=0: ours has no lower clamp; FusedLamb's default (0.01) would be one more difference
