@@ -9,7 +9,7 @@ releases when its holder dies, so a torch lock file found while we hold the floc
 builder and is removed (with a warning naming it). Ops loaded here are cached in the process, so
 DeepSpeed's own later load of the same op does not touch the lock again.
 
-``python -m bert_ds.jit_ops`` builds the ops this machine needs (``make test`` and ``make demo`` run it
+``python -m bert_ds.jit_ops`` builds the comm op (``make test`` and ``make demo`` run it
 first, so the first training job does not spend its start-up deadline compiling).
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -92,13 +91,13 @@ def _compatible_builder(name: str):
     return builder
 
 
-def prebuild(builder_name: str) -> bool:
-    """Build (or load) DeepSpeed's op ``builder_name`` (e.g. "FusedLambBuilder") before DeepSpeed needs it.
+def prebuild_comm_op() -> bool:
+    """Build (or load) the CPU shared-memory comm op ``deepspeed.init_distributed`` loads.
 
-    Returns False where this accelerator has no such op.
+    Returns False where the accelerator has none (CUDA: NCCL needs no build).
     """
     try:
-        builder = _compatible_builder(builder_name)
+        builder = _compatible_builder("ShareMemCommBuilder")
     except ImportError:
         return False
     if builder is None:
@@ -107,21 +106,15 @@ def prebuild(builder_name: str) -> bool:
     return True
 
 
-def prebuild_comm_op() -> bool:
-    """The CPU shared-memory comm op ``deepspeed.init_distributed`` loads (CUDA has none: NCCL needs no build)."""
-    return prebuild("ShareMemCommBuilder")
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.monotonic()
     built = prebuild_comm_op()
     where = os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default extensions cache")
     if built:
-        print(f"DeepSpeed comm op ready in {where} ({time.monotonic() - started:.0f} s)")
+        log.info("DeepSpeed comm op ready in %s (%.0f s)", where, time.monotonic() - started)
     else:
-        print("no DeepSpeed comm op to build for this accelerator")
-    sys.stdout.flush()
+        log.info("no DeepSpeed comm op to build for this accelerator")
 
 
 if __name__ == "__main__":

@@ -40,5 +40,5 @@ def test_the_comm_op_loads_past_a_lock_file_left_by_a_killed_build(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"removing {cache / name / 'lock'}: a stale torch build lock" in proc.stderr
-    assert "DeepSpeed comm op ready" in proc.stdout
+    assert "DeepSpeed comm op ready" in proc.stderr  # logged, like the warning
     assert not (cache / name / "lock").exists()
