@@ -1,6 +1,6 @@
 """Training throughput and MFU of bert-ds against Hugging Face Trainer + DeepSpeed, measured in the same run.
 
-    python bench/train_throughput.py [--preset mini] [--seq 128] [--micro-batch 16] [--precision bf16] \
+    python bench/train_throughput.py [--preset mini] [--seq 128] [--micro-batch 16] [--precision auto] \
         [--ranks 2] [--steps 40] [--warmup-steps 8] [--zero-stage 0] [--corpus FILE]
 
 One corpus (default: ../shared/corpora/python-docs.txt when present, else the standard-library
@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="mini", choices=list(MODEL_PRESETS))
     p.add_argument("--seq", type=int, default=128, help="max_seq_length")
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per rank per step")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where this CPU has bf16 kernels (AVX-512/AMX), else fp32 (as train.precision auto)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per contender (warm-up included)")
     p.add_argument("--warmup-steps", type=int, default=8, help="steps not timed")
@@ -385,6 +386,11 @@ def tensorboard_scalars(log_dir: Path) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch  # noqa: F401  (imported before the timers: slow)
+
+    from bert_ds.dist import resolve_precision
+
+    args.precision, why = resolve_precision(args.precision, "cpu")
+    log(f"precision {args.precision} ({why})")
     import yaml
     from transformers import BertConfig
 

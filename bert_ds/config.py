@@ -87,7 +87,7 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 # transformers.BertConfig's default; the position table bounds data.max_seq_length
 _BERT_MAX_POSITION_EMBEDDINGS = 512
 
-_PRECISIONS = ("fp32", "bf16", "fp16")
+_PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _DEVICES = ("auto", "cpu", "cuda")
 _NSP_MODES = ("nsp", "sop")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -417,7 +417,9 @@ class TrainConfig:
     learning rate was tuned for one batch size."""
 
     precision: str = "fp32"
-    """Training precision: ``fp32``, ``bf16`` or ``fp16`` (dynamic loss scaling)."""
+    """Training precision: ``fp32``, ``bf16``, ``fp16`` (dynamic loss scaling) or ``auto``: bf16 where
+    the device has bf16 hardware (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), fp16 on older GPUs, fp32 on
+    other CPUs. The run directory's config.yaml records what ``auto`` chose."""
 
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (data parallel), 1 (partition optimizer state), 2 (+ gradients),
@@ -462,7 +464,7 @@ class TrainConfig:
             0 <= self.fp16_initial_scale_power <= 32,
             f"train.fp16_initial_scale_power must be in [0, 32], got {self.fp16_initial_scale_power}",
         )
-        if self.precision != "fp16" and self.fp16_initial_scale_power != 16:
+        if self.precision not in ("fp16", "auto") and self.fp16_initial_scale_power != 16:
             _warn_inactive("train.fp16_initial_scale_power", self.fp16_initial_scale_power, "train.precision is not fp16")
         _one_of("train.device", self.device, _DEVICES)
 

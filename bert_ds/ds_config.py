@@ -163,6 +163,8 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     train = cfg.train
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+    if train.precision == "auto":
+        raise ConfigError("train.precision auto is resolved for a device first (bert_ds.dist.resolve_precision; the trainer does it)")
     preset, resolved = load_preset(train.ds_config)
     source = str(resolved)
     _check_ownership(preset, source)

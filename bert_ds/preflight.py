@@ -120,8 +120,9 @@ def local_report(cfg: RunConfig, env: Mapping[str, str]) -> dict:
         kind, index, backend = dist.select_device(cfg.train.device, info.local_rank, cuda, count)
         device = f"{kind}:{index}" if index is not None else kind
         device_error = None
+        precision = dist.select_precision(cfg.train.precision, kind, dist.has_fast_bf16(kind, index))[0]
     except dist.DistributedSetupError as e:
-        device, backend, device_error = "none", "none", str(e)
+        device, backend, device_error, precision = "none", "none", str(e), "none"
     try:
         vocab = resolve_vocab(cfg)
         vocab_info = {"path": vocab.path, "sha256": vocab.sha256, "size": vocab.size}
@@ -140,6 +141,7 @@ def local_report(cfg: RunConfig, env: Mapping[str, str]) -> dict:
         "device": device,
         "device_error": device_error,
         "backend": backend,
+        "precision": precision,
         "cuda_devices": count,
         "versions": {"python": sys.version.split()[0], **{name: _version(name) for name in _VERSIONED}, "torch_build": torch.__version__},
         "shards": _shard_sizes(cfg),
@@ -177,6 +179,9 @@ def find_problems(reports: Mapping[int, dict]) -> tuple[list[str], list[str]]:
         for name in ("python", "torch_build", "deepspeed", "transformers", "bert-ds"):
             if r["versions"][name] != ref["versions"][name]:
                 errors.append(f"{_where(r)}: {name} {r['versions'][name]}, but {_where(ref)} has {ref['versions'][name]}")
+        if not r["device_error"] and not ref["device_error"] and r["precision"] != ref["precision"]:
+            errors.append(f"{_where(r)}: train.precision {r['precision']}, but {_where(ref)} trains in {ref['precision']} "
+                          "(train.precision auto on mixed hardware: set it explicitly)")
         if "error" in r["vocab"]:
             errors.append(f"{_where(r)}: vocabulary: {r['vocab']['error']}")
         elif "sha256" in ref["vocab"] and r["vocab"]["sha256"] != ref["vocab"]["sha256"]:

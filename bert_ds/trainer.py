@@ -7,6 +7,7 @@ and the model (``model``) live in their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ def train(cfg: RunConfig) -> checkpoint.TrainState:
     vocab = resolve_vocab(cfg)  # before any rendezvous: a wrong vocabulary fails in seconds, on every rank
     ctx = preflight.checked_init(cfg)  # dist.init behind a rendezvous deadline, consistency checks and one all-reduce
     _configure_logging(ctx)
+    cfg = _resolve_precision(cfg, ctx)
     setup = _build(cfg, ctx, vocab)
     engine, run_dir = setup.engine, setup.run_dir
     state = _restore(setup)
@@ -253,6 +255,15 @@ def _configure_logging(ctx: dist.DistContext) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {ctx.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _resolve_precision(cfg: RunConfig, ctx: dist.DistContext) -> RunConfig:
+    """``train.precision: auto`` made concrete for this device (the preflight checked that every rank agrees)."""
+    precision, why = dist.resolve_precision(cfg.train.precision, ctx.device.type, ctx.device.index)
+    if precision == cfg.train.precision:
+        return cfg
+    log.info("precision %s (%s)", precision, why)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
 
 
 def _build(cfg: RunConfig, ctx: dist.DistContext, vocab: Vocab) -> Setup:

@@ -111,7 +111,7 @@ def test_each_launcher_tells_a_rank_its_node(env, node):
 def _report(rank: int, world: int = 2, node: str = "n1", host: str = "h1", **changes) -> dict:
     report = {
         "rank": rank, "world_size": world, "local_rank": 0, "source": "slurm", "host": host, "node": node, "node_rank": None,
-        "local_world_size": 1, "pid": 1, "device": "cpu", "device_error": None, "backend": "gloo", "cuda_devices": 0,
+        "local_world_size": 1, "pid": 1, "device": "cpu", "device_error": None, "backend": "gloo", "precision": "fp32", "cuda_devices": 0,
         "versions": {"python": "3.11.7", "torch": "2.13.0", "torch_build": "2.13.0+cpu", "deepspeed": "0.19.8", "transformers": "5.0",
                      "bert-ds": "0.1.0"},
         "shards": {"data/train": {"bin": 100, "idx": 10}}, "vocab": {"path": "vocab", "sha256": "a" * 64, "size": 400},
@@ -140,8 +140,9 @@ def test_ranks_that_see_the_same_world_pass():
         ({"vocab": {"error": "vocab/ does not exist"}}, "rank 1 on n2 (h2): vocabulary: vocab/ does not exist"),
         ({"device_error": "local rank 4 has no GPU: this node has 4"}, "rank 1 on n2 (h2): local rank 4 has no GPU"),
         ({"gloo_socket_ifname": "", "loopback_hostname": "127.0.1.1"}, "the host name h2 resolves to 127.0.1.1 (loopback)"),
+        ({"precision": "fp16"}, "rank 1 on n2 (h2): train.precision fp16, but rank 0 on n1 (h1) trains in fp32 (train.precision auto on mixed hardware"),
     ],
-    ids=["torch", "deepspeed", "missing-shard", "shard-size", "vocab", "vocab-error", "device", "gloo-loopback"],
+    ids=["torch", "deepspeed", "missing-shard", "shard-size", "vocab", "vocab-error", "device", "gloo-loopback", "precision"],
 )
 def test_a_rank_that_sees_a_different_world_is_named(changes, message):
     reports = {0: _report(0, node="n1", host="h1"), 1: _report(1, node="n2", host="h2", **changes)}

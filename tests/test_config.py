@@ -247,7 +247,7 @@ def test_apply_overrides_returns_a_checked_copy_and_leaves_the_original_alone():
             ["model.preset=bsae"],
             r"model\.preset must be one of tiny, mini, small, medium, base, large; got 'bsae' \(did you mean 'base'\?\)",
         ),
-        (["train.precision=bf61"], r"train\.precision must be one of fp32, bf16, fp16; got 'bf61' \(did you mean 'bf16'\?\)"),
+        (["train.precision=bf61"], r"train\.precision must be one of fp32, bf16, fp16, auto; got 'bf61' \(did you mean 'bf16'\?\)"),
         (["train.zero_stage=4"], r"train\.zero_stage must be 0, 1, 2 or 3"),
         (["train.max_steps=0"], r"train\.max_steps must be > 0"),
         (["optimizer.betas=[0.9]"], r"optimizer\.betas must have two entries"),
@@ -444,7 +444,7 @@ def test_the_demo_config_is_small_and_writes_under_demo_out():
     cfg = load_run_config(REPO_ROOT / "launch" / "configs" / "tiny_demo.yaml")
     assert cfg.run_dir.startswith("demo_out/") and all(p.startswith("demo_out/") for p in cfg.data.train_prefix)
     assert cfg.model.preset in ("mini", "small") and cfg.data.max_seq_length == 128
-    assert (cfg.train.zero_stage, cfg.train.precision) == (2, "bf16") and 100 <= cfg.train.max_steps <= 500
+    assert (cfg.train.zero_stage, cfg.train.precision) == (2, "auto") and 100 <= cfg.train.max_steps <= 500
 
 
 def test_the_phase2_config_starts_from_the_phase1_run():

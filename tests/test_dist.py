@@ -1,10 +1,10 @@
-"""Rank discovery and device selection: pure logic, checked for every launcher on CPU."""
+"""Rank discovery, device and precision selection: pure logic, checked for every launcher and device on CPU."""
 
 from __future__ import annotations
 
 import pytest
 
-from bert_ds.dist import DistributedSetupError, RankInfo, discover_ranks, select_device
+from bert_ds.dist import DistributedSetupError, RankInfo, discover_ranks, has_fast_bf16, select_device, select_precision
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,31 @@ def test_device_selection_by_capability():
         select_device("cuda", 0, cuda_available=False, cuda_device_count=0)
     with pytest.raises(DistributedSetupError, match="local rank 4 has no GPU: this node has 4"):
         select_device("auto", 4, cuda_available=True, cuda_device_count=4)
+
+
+@pytest.mark.parametrize(
+    "requested, device, fast_bf16, expected",
+    [
+        ("auto", "cuda", True, "bf16"),  # A100/H100
+        ("auto", "cuda", False, "fp16"),  # V100: NVIDIA's BERT recipe, dynamic loss scaling
+        ("auto", "cpu", True, "bf16"),  # AVX-512 / AVX512-BF16 / AMX: oneDNN's bf16 kernels
+        ("auto", "cpu", False, "fp32"),  # AVX2 only: scalar bf16 loops, 20-200x slower than fp32
+        ("bf16", "cpu", False, "bf16"),  # an explicit choice is kept (with a warning at start-up)
+        ("fp16", "cuda", True, "fp16"),
+        ("fp32", "cuda", True, "fp32"),
+    ],
+)
+def test_precision_auto_picks_by_hardware_and_an_explicit_choice_stays(requested, device, fast_bf16, expected):
+    precision, why = select_precision(requested, device, fast_bf16)
+    assert precision == expected
+    assert why.startswith("train.precision")
+
+
+def test_this_cpu_runs_bf16_at_speed_exactly_when_it_has_avx512():
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    # oneDNN's bf16 kernels start at AVX-512 "core" (F, BW, VL, DQ); AMX and AVX512-BF16 CPUs have it too
+    assert has_fast_bf16("cpu") == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags), sorted(f for f in flags if "avx" in f or "amx" in f)
