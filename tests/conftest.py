@@ -75,12 +75,31 @@ def dist_env() -> dict:
 
 
 def deepspeed_launch(module: str, *args: str, num_ranks: int = 2, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N --module ...` on 127.0.0.1, real ranks."""
+    """`deepspeed --num_gpus N --module ...` on 127.0.0.1, real ranks; a ``module`` ending in .py is launched as a script."""
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", module, *map(str, args)]
+    target = [module] if module.endswith(".py") else ["--module", module]
+    cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **dist_env()})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+TRAIN_RUNS = REPO / "tests" / "dist_scripts" / "train_runs.py"
+
+
+def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Train several runs, each ``(config, *overrides)``, one after another in one launch (tests/dist_scripts/train_runs.py).
+
+    One process for ``num_ranks=1`` (two threads), else ``deepspeed --num_gpus N`` on 127.0.0.1.
+    """
+    args = [a for run in runs for a in ("--run", *map(str, run))]
+    if num_ranks > 1:
+        return deepspeed_launch(str(TRAIN_RUNS), *args, num_ranks=num_ranks, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(TRAIN_RUNS), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        raise AssertionError(f"train_runs.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 

