@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from bert_ds import evaluate, export
-from tests.conftest import REPO, run_module, tensorboard_scalars, write_run_config
+from bert_ds.train import main
+from tests.conftest import REPO, run_module, tensorboard_scalars, train_runs, write_run_config
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # subprocesses never ask the model hub (everything is local)
 
@@ -62,9 +63,6 @@ def test_continued_pretraining_from_minilm_lowers_held_out_loss_and_exports_a_mo
         optimizer={"name": "adamw", "lr": 3e-4}, scheduler={"name": "linear", "warmup_steps": 2},
         eval={"num_samples": 32}, checkpoint={"keep_last": 1},
     )  # fmt: skip
-    proc = run_module("bert_ds.train", config, env={"OMP_NUM_THREADS": "2", **OFFLINE})
-    # the heads MiniLM lacks are initialised, and the log says which
-    assert re.search(r"initialised \d+ tensors missing from \S+: .*cls\.predictions\.", proc.stderr), proc.stderr[-3000:]
     # the same architecture, data, steps and schedule from random weights: what the imported encoder is worth
     arch = json.loads((minilm_dir() / "config.json").read_text())
     scratch_config = write_run_config(
@@ -74,7 +72,9 @@ def test_continued_pretraining_from_minilm_lowers_held_out_loss_and_exports_a_mo
         train={"max_steps": 10, "micro_batch_size": 8, "log_interval": 5}, optimizer={"name": "adamw", "lr": 3e-4},
         scheduler={"name": "linear", "warmup_steps": 2}, eval={"num_samples": 32}, checkpoint={"save_final": False},
     )  # fmt: skip
-    run_module("bert_ds.train", scratch_config, env={"OMP_NUM_THREADS": "2", **OFFLINE})
+    proc = train_runs((config,), (scratch_config,))  # one process, one run after the other
+    # the heads MiniLM lacks are initialised, and the log says which
+    assert re.search(r"initialised \d+ tensors missing from \S+: .*cls\.predictions\.", proc.stderr), proc.stderr[-3000:]
     scratch_loss = tensorboard_scalars(tmp_path / "scratch" / "tensorboard")["eval/mlm_loss"][-1][1]  # the trainer's, same fixed set
 
     export.export(tmp_path / "run", tmp_path / "hf")
@@ -100,7 +100,8 @@ def test_continued_pretraining_from_minilm_lowers_held_out_loss_and_exports_a_mo
 def test_shards_of_another_vocabulary_are_refused_before_training(pretraining_shards, tmp_path):
     # the shared fixture's shards use a 400-token vocabulary trained on a synthetic corpus, not MiniLM's
     config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run", model={"init_from": str(minilm_dir()), "overrides": {}})
-    proc = run_module("bert_ds.train", config, check=False, env=OFFLINE)
-    assert proc.returncode != 0
-    assert "vocabulary mismatch" in proc.stderr and "model.init_from" in proc.stderr and "data_tools.preprocess --tokenizer" in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(config)])  # the entry point of `python -m bert_ds.train`, in this process
+    message = str(exit_info.value.code)
+    assert "vocabulary mismatch" in message and "model.init_from" in message and "data_tools.preprocess --tokenizer" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
