@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -255,8 +256,10 @@ def format_table(reports: Mapping[int, dict]) -> str:
 # -- the checks on live ranks ------------------------------------------------------------------
 
 
-def _report_key(rank: int) -> str:
-    return f"{_KEY}/report/{rank}"
+# How many preflights this process has run. The store outlives a run (torch.distributed keeps it), so a
+# second ``trainer.train`` in the same processes (a sweep, a notebook, the tests' train_runs.py) must not
+# read the first one's reports and verdict: every rank counts its calls alike, so they share a fresh prefix.
+_rendezvous_count = itertools.count()
 
 
 def _rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping[str, str]):
@@ -266,6 +269,7 @@ def _rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping
     from bert_ds.dist import expected_rank_hosts
 
     rank, world = report["rank"], report["world_size"]
+    key = f"{_KEY}/{next(_rendezvous_count)}"
     hosts = expected_rank_hosts(env)
     try:
         # multi_tenant: torch.distributed's env:// rendezvous later opens the same host:port in this
@@ -279,13 +283,13 @@ def _rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping
             f"{_where(report)}: could not reach the rendezvous at {addr}:{port}{master} within {timeout:.0f} s: rank 0 was never started "
             f"or died before the rendezvous, or MASTER_ADDR/MASTER_PORT is wrong or blocked from this host ({str(e).splitlines()[0]})"
         ) from None
-    store.set(_report_key(rank), json.dumps(report))
+    store.set(f"{key}/report/{rank}", json.dumps(report))
     if rank != 0:
         try:
             # rank 0 may start up to `timeout` after us, then waits up to `timeout` for the others
-            store.wait([f"{_KEY}/verdict"], timedelta(seconds=2 * timeout + 10))
-            verdict = store.get(f"{_KEY}/verdict").decode()
-            store.add(f"{_KEY}/acks", 1)
+            store.wait([f"{key}/verdict"], timedelta(seconds=2 * timeout + 10))
+            verdict = store.get(f"{key}/verdict").decode()
+            store.add(f"{key}/acks", 1)
         except Exception as e:
             raise PreflightError(f"{_where(report)}: lost rank 0 before its verdict ({str(e).splitlines()[0]}): see rank 0's output") from None
         if verdict != "ok":
@@ -293,11 +297,11 @@ def _rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping
         return store, {}
     deadline = time.monotonic() + timeout
     while True:
-        missing = [r for r in range(world) if not store.check([_report_key(r)])]
+        missing = [r for r in range(world) if not store.check([f"{key}/report/{r}"])]
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    reports = {r: json.loads(store.get(_report_key(r))) for r in range(world) if r not in missing}
+    reports = {r: json.loads(store.get(f"{key}/report/{r}")) for r in range(world) if r not in missing}
     if missing:
         verdict = missing_ranks_message(missing, reports, world, timeout, env)
     else:
@@ -307,11 +311,11 @@ def _rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping
         verdict = "\n".join(errors)
         if errors:
             log.error("preflight: the ranks disagree:\n%s", format_table(reports))
-    store.set(f"{_KEY}/verdict", verdict or "ok")
+    store.set(f"{key}/verdict", verdict or "ok")
     if verdict:
         # let the ranks that are there read the verdict before this store goes away
         ack_deadline = time.monotonic() + 5
-        while int(store.add(f"{_KEY}/acks", 0)) < len(reports) - 1 and time.monotonic() < ack_deadline:
+        while int(store.add(f"{key}/acks", 0)) < len(reports) - 1 and time.monotonic() < ack_deadline:
             time.sleep(0.1)
         raise PreflightError(verdict)
     return store, reports
