@@ -43,7 +43,7 @@ ops: setup
 	$(PY) -m bert_ds.jit_ops
 
 test: ops
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 # the quick inner loop: everything but the multi-process tests
 test-fast: setup

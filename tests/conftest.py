@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# one thread per test process: CI has 2 cores and multi-rank tests start several processes
+# Threads per process: the machine's cores, shared out when pytest-xdist runs several workers (more
+# OpenMP threads than cores run several times slower). Set before torch is imported, so this process
+# and every one it starts inherit it; multi-rank launches set one thread per rank (dist_env).
+THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # no model hub at test time: everything loads from local directories
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,13 +95,13 @@ TRAIN_RUNS = REPO / "tests" / "dist_scripts" / "train_runs.py"
 def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
     """Train several runs, each ``(config, *overrides)``, one after another in one launch (tests/dist_scripts/train_runs.py).
 
-    One process for ``num_ranks=1`` (two threads), else ``deepspeed --num_gpus N`` on 127.0.0.1.
+    One process for ``num_ranks=1`` (``THREADS`` threads), else ``deepspeed --num_gpus N`` on 127.0.0.1.
     """
     args = [a for run in runs for a in ("--run", *map(str, run))]
     if num_ranks > 1:
         return deepspeed_launch(str(TRAIN_RUNS), *args, num_ranks=num_ranks, timeout=timeout)
     proc = subprocess.run([sys.executable, str(TRAIN_RUNS), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          env=os.environ.copy())
     if proc.returncode != 0:
         raise AssertionError(f"train_runs.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -93,7 +93,7 @@ def test_finetune_takes_the_encoder_of_a_bert_ds_checkpoint(pretraining_shards, 
 
     config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run",
                               train={"max_steps": 3, "micro_batch_size": 8}, data={"valid_prefix": "", "num_workers": 0})  # fmt: skip
-    run_module("bert_ds.train", config, env={"OMP_NUM_THREADS": "2", **OFFLINE})
+    run_module("bert_ds.train", config, env=OFFLINE)
     source = open_source(tmp_path / "run")
     weights, _ = source.fp32_weights()
     model = finetune.build_classifier(source, num_labels=3, random_init=False, seed=0)

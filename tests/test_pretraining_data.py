@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -421,21 +420,3 @@ def test_blended_samples_come_from_the_scheduled_shard(tmp_path):
     sizes = [make_dataset(c).num_samples for c in corpora]
     assert plain.num_samples == sum(sizes)
     assert np.bincount([plain.shard_of(i)[0] for i in range(plain.num_samples)]).tolist() == sizes
-
-
-# --- speed --------------------------------------------------------------------------------
-
-
-def test_loader_throughput_is_reported(corpus, capsys):
-    ds = make_dataset(corpus)
-    lines = []
-    for num_workers in (0, 1):
-        stream = iter(build_dataloader(ds, 32, 0, 1, 0, num_workers=num_workers, seed=0, persistent_workers=True))
-        next(stream)  # worker start-up is not throughput
-        start, batches = time.perf_counter(), 60
-        for _ in range(batches):
-            next(stream)
-        rate = batches * 32 / (time.perf_counter() - start)
-        lines.append(f"loader, seq {SEQ}, num_workers={num_workers}: {rate:,.0f} samples/s")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))

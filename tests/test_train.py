@@ -22,7 +22,7 @@ LISTED_TAGS = [
 
 def train(config: Path, *overrides: str, ranks: int = 1, check: bool = True):
     if ranks == 1:
-        return run_module("bert_ds.train", config, *overrides, check=check, env={"OMP_NUM_THREADS": "2"})
+        return run_module("bert_ds.train", config, *overrides, check=check, env={})
     return deepspeed_launch("bert_ds.train", config, *overrides, num_ranks=ranks, check=check)
 
 
