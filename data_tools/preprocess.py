@@ -102,34 +102,31 @@ def process_unit(unit: sources.WorkUnit) -> UnitResult:
     result.counts["invalid_utf8_sequences"] = read_stats.invalid_utf8
 
     for split, doc_list in docs.items():
-        flat = [s for sentences in doc_list for s in sentences]
-        encoded = iter(encoder.encode(flat)) if flat else iter(())
-        tokens: list[int] = []
-        lengths: list[int] = []
-        doc_counts: list[int] = []
-        for sentences in doc_list:
-            ids_per_sentence = [next(encoded) for _ in sentences]
-            kept = [ids for ids in ids_per_sentence if ids]
-            # a sentence of only characters the tokenizer deletes (control characters) has no tokens
-            result.counts["empty_sentences_dropped"] += len(ids_per_sentence) - len(kept)
-            if not kept:
-                result.skipped["empty"] += 1
-                continue
-            if len(kept) < 2:
-                if options.drop_short_docs:
-                    result.skipped["one_sentence"] += 1
-                    continue
-                result.counts["docs_with_one_sentence"] += 1
-            for ids in kept:
-                tokens += ids
-                lengths.append(len(ids))
-            doc_counts.append(len(kept))
-            result.counts[f"docs_{split}"] += 1
-            result.counts["sentences"] += len(kept)
+        if not doc_list:
+            continue
+        tokens, lengths = encoder.encode([s for sentences in doc_list for s in sentences])
+        num_docs = len(doc_list)
+        doc_of_sentence = np.repeat(np.arange(num_docs), np.fromiter(map(len, doc_list), np.int64, num_docs))
+        # a sentence of only characters the tokenizer deletes (control characters) has no tokens
+        nonempty = lengths > 0
+        result.counts["empty_sentences_dropped"] += int(np.count_nonzero(~nonempty))
+        sentences_per_doc = np.bincount(doc_of_sentence[nonempty], minlength=num_docs)
+        empty_doc, one_sentence = sentences_per_doc == 0, sentences_per_doc == 1
+        result.skipped["empty"] += int(np.count_nonzero(empty_doc))
+        if options.drop_short_docs:
+            result.skipped["one_sentence"] += int(np.count_nonzero(one_sentence))
+            keep_doc = sentences_per_doc >= 2
+        else:
+            result.counts["docs_with_one_sentence"] += int(np.count_nonzero(one_sentence))
+            keep_doc = ~empty_doc
+        keep_sentence = nonempty & keep_doc[doc_of_sentence]
+        tokens = tokens[np.repeat(keep_sentence, lengths)]
+        result.counts[f"docs_{split}"] += int(np.count_nonzero(keep_doc))
+        result.counts["sentences"] += int(np.count_nonzero(keep_sentence))
         result.counts["tokens"] += len(tokens)
-        if doc_counts:
+        if keep_doc.any():
             result.splits[split] = SplitArrays(
-                np.array(tokens, dtype=dtype), np.array(lengths, dtype=np.int32), np.array(doc_counts, dtype=np.int64)
+                tokens.astype(dtype), lengths[keep_sentence].astype(np.int32), sentences_per_doc[keep_doc].astype(np.int64)
             )
     return result
 

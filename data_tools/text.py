@@ -26,9 +26,13 @@ ABBREVIATIONS = frozenset(
     """.split()
 )
 
-# Terminal punctuation, optional closing quotes/brackets, then whitespace (Latin scripts),
-# or a CJK full stop / exclamation / question mark, which needs no whitespace after it.
-_CANDIDATE = re.compile(r"""([.!?…]+)(["'”’»)\]]*)(\s+)|([。！？]+[」』”’）]*)\s*""")
+# Latin scripts: terminal punctuation, optional closing quotes/brackets, then whitespace on the same
+# line; CJK: a full stop / exclamation / question mark, which needs no whitespace after it. Two patterns,
+# each starting with a plain character set, and run over a whole document at once: Python's regex engine
+# scans for a leading set at ~200 MB/s, where one alternation run line by line managed ~20 MB/s.
+_LATIN_END = re.compile(r"""([.!?…]+)["'”’»)\]]*([^\S\n]+)""")
+_CJK_END = re.compile(r"""[。！？]+[」』”’）]*[^\S\n]*""")
+_CJK_MARKS = "。！？"
 _NEXT_OPENERS = "\"'“‘«([¿¡"
 # Python's whitespace that BERT's normalizer would delete or keep as a character rather
 # than split on; mapped to a plain space so word splitting agrees with the tokenizer.
@@ -46,30 +50,7 @@ def normalize_document(text: str) -> str:
 
 def split_sentences(paragraph: str) -> list[str]:
     """Split one paragraph (no newlines) into sentences; whitespace inside is kept as is."""
-    cuts = []
-    for m in _CANDIDATE.finditer(paragraph):
-        if m.group(4) is not None:  # CJK terminal punctuation
-            cuts.append((m.start(4) + len(m.group(4)), m.end()))
-            continue
-        end = m.end()
-        if end >= len(paragraph) or not _starts_sentence(paragraph, end):
-            continue
-        if m.group(1) == "." and _is_abbreviation(paragraph, m.start(1)):
-            continue
-        cuts.append((m.start(3), end))
-    if not cuts:
-        s = paragraph.strip()
-        return [s] if s else []
-    sentences, start = [], 0
-    for cut_start, cut_end in cuts:
-        s = paragraph[start:cut_start].strip()
-        if s:
-            sentences.append(s)
-        start = cut_end
-    s = paragraph[start:].strip()
-    if s:
-        sentences.append(s)
-    return sentences
+    return document_sentences(paragraph)
 
 
 def _starts_sentence(text: str, i: int) -> bool:
@@ -101,9 +82,38 @@ def _is_abbreviation(text: str, dot: int) -> bool:
 
 
 def document_sentences(text: str) -> list[str]:
-    """All sentences of a normalized document, in order: lines are paragraphs."""
+    """All sentences of a document, in order: every line is a paragraph and ends a sentence."""
     out: list[str] = []
-    for line in text.split("\n"):
-        if line and not line.isspace():
-            out.extend(split_sentences(line))
+    start = 0
+    for end, next_start in _sentence_ends(text):
+        _add_lines(text[start:end], out)
+        start = next_start
+    _add_lines(text[start:], out)
     return out
+
+
+def _sentence_ends(text: str) -> list[tuple[int, int]]:
+    """(end of a sentence, start of the next) inside lines, in text order. No pair spans a newline."""
+    ends = []
+    for m in _LATIN_END.finditer(text):
+        after = m.end()
+        if after >= len(text) or not _starts_sentence(text, after):
+            continue
+        if m.group(1) == "." and _is_abbreviation(text, m.start(1)):
+            continue
+        ends.append((m.start(2), after))
+    if any(mark in text for mark in _CJK_MARKS):
+        cjk = []
+        for m in _CJK_END.finditer(text):
+            stripped = m.group().rstrip()
+            cjk.append((m.start() + len(stripped), m.end()))
+        ends = sorted(ends + cjk)
+    return ends
+
+
+def _add_lines(piece: str, out: list[str]) -> None:
+    """The non-blank lines of ``piece``, stripped."""
+    for line in piece.split("\n") if "\n" in piece else (piece,):
+        line = line.strip()
+        if line:
+            out.append(line)

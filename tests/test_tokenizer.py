@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import string
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,10 @@ def test_trained_vocab_loads_in_transformers_with_bert_special_tokens(vocab_dir)
     assert tok.tokenize("中文") == ["中", "文"] or tok.tokenize("中文") == ["[UNK]", "[UNK]"]
 
 
-def test_cased_vocab_keeps_case(corpus_dir, tmp_path):
+def test_cased_vocab_keeps_case(cased_vocab_dir):
     from transformers import BertTokenizerFast
 
-    run_module("data_tools.train_tokenizer", "--input", corpus_dir, "--output", tmp_path, "--vocab-size", "300", "--cased")
-    tok = BertTokenizerFast.from_pretrained(tmp_path)
+    tok = BertTokenizerFast.from_pretrained(cased_vocab_dir)
     assert tok.tokenize("The") != tok.tokenize("the")
 
 
@@ -63,15 +63,29 @@ def test_missing_or_wrong_tokenizer_dir_is_a_clear_error(tmp_path):
 def _adversarial_text(rng: random.Random) -> str:
     alphabet = list("abcXYZ .,!?'\"-()") + ["\t", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\u00a0", "\u2028", "\u3000", "\u200b",
                                             "\ufffd", "\x00", "é", "e\u0301", "İ", "ß", "中", "文", "。", "😀", "ﬁ", "Ⅳ", "\u0301"]
+    # printable ASCII takes the encoder's own WordPiece: every punctuation character, added tokens' text in
+    # and out of case, words the vocabulary cannot cover, and words over WordPiece's 100-character limit
+    alphabet += list(string.punctuation) + ["[MASK]", "[mask]", "[UNK]", "[CLS]x", "~~~", "q" * 101, "the", "##", "Zq9"]
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80)))
 
 
-@pytest.mark.parametrize("tokenizer", ["trained", "minilm"])
-def test_word_cache_encoder_equals_the_tokenizer_on_adversarial_unicode(tokenizer, vocab_dir):
-    tok = load_tokenizer(vocab_dir if tokenizer == "trained" else minilm_dir())
+@pytest.fixture(scope="module")
+def cased_vocab_dir(corpus_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cased_vocab")
+    run_module("data_tools.train_tokenizer", "--input", corpus_dir, "--output", out, "--vocab-size", "300", "--cased")
+    return out
+
+
+@pytest.mark.parametrize("tokenizer", ["trained", "trained-cased", "minilm"])
+def test_word_cache_encoder_equals_the_tokenizer_on_adversarial_unicode(tokenizer, request):
+    tok = load_tokenizer({"trained": lambda: request.getfixturevalue("vocab_dir"), "minilm": minilm_dir,
+                          "trained-cased": lambda: request.getfixturevalue("cased_vocab_dir")}[tokenizer]())
     encoder = SentenceEncoder(tok)
     assert encoder.cacheable
     rng = random.Random(0)
     sentences = [s for _ in range(2000) for s in document_sentences(normalize_document(_adversarial_text(rng)))]
     expected = [e.ids for e in tok.encode_batch(sentences, add_special_tokens=False)]
-    assert encoder.encode(sentences) == expected
+    for part in (slice(0, 700), slice(700, None)):  # the second batch mixes cached and new words
+        ids, lengths = encoder.encode(sentences[part])
+        assert lengths.tolist() == [len(e) for e in expected[part]]
+        assert ids.tolist() == [i for e in expected[part] for i in e]
