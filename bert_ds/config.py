@@ -418,8 +418,8 @@ class TrainConfig:
 
     precision: str = "fp32"
     """Training precision: ``fp32``, ``bf16``, ``fp16`` (dynamic loss scaling) or ``auto``: bf16 where
-    the device has bf16 hardware (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), fp16 on older GPUs, fp32 on
-    other CPUs. The run directory's config.yaml records what ``auto`` chose."""
+    the device runs it at speed (Ampere+ GPUs, AVX-512/AMX CPUs), fp16 on older GPUs, fp32 on other
+    CPUs (``bert_ds.dist.select_precision``). The run directory's config.yaml records the choice."""
 
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (data parallel), 1 (partition optimizer state), 2 (+ gradients),
