@@ -8,6 +8,7 @@ and the model (``model``) live in their own modules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -46,6 +47,27 @@ class Setup:
     checkpoint_dir: Path
 
 
+def _undoes_deepspeed_patches(run):
+    """Put back what DeepSpeed patches process-wide for the length of a run.
+
+    ZeRO-3 (inside ``deepspeed.initialize``) swaps ``torch.nn.functional.linear`` for its own
+    autograd function and leaves it there ("until manually reset"). A later run in the same process
+    (tests, notebooks, evaluation after training) would compute every linear layer through it and get
+    results that differ in the last bits from the same run in a fresh process.
+    """
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        linear = torch.nn.functional.linear
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.nn.functional.linear = linear
+
+    return wrapper
+
+
+@_undoes_deepspeed_patches
 def train(cfg: RunConfig) -> checkpoint.TrainState:
     vocab = resolve_vocab(cfg)  # before any rendezvous: a wrong vocabulary fails in seconds, on every rank
     ctx = preflight.checked_init(cfg)  # dist.init behind a rendezvous deadline, consistency checks and one all-reduce

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
 from bert_ds import dist, trainer
 from bert_ds.config import load_run_config
 
@@ -31,9 +33,13 @@ def main() -> None:
                         help="a run config and its overrides; repeat for more runs")
     parser.add_argument("--local_rank", type=int, default=0, help="(appended by the deepspeed launcher; rank comes from the environment)")
     args = parser.parse_args()
+    linear = torch.nn.functional.linear
     try:
         for config, *overrides in args.run:
             trainer.train(load_run_config(config, overrides))
+            # a run must leave the process as it found it, or the runs after it are not the runs a user gets
+            if torch.nn.functional.linear is not linear:
+                raise RuntimeError(f"{config} left torch.nn.functional.linear patched ({torch.nn.functional.linear!r})")
             log.info("train_runs: finished %s %s", config, " ".join(overrides))
     finally:
         dist.shutdown()
