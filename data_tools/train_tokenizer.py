@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -52,6 +52,32 @@ def untrained_bert_tokenizer(lowercase: bool, strip_accents: bool | None) -> Tok
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
+
+
+def train_wordpiece(texts: Callable[[], Iterator[list[str]]], vocab_size: int, min_frequency: int, limit_alphabet: int,
+                    lowercase: bool, strip_accents: bool | None) -> Tokenizer:
+    """WordPiece training that gives the same vocabulary every time for the same corpus.
+
+    ``tokenizers`` numbers the ``##`` continuation characters in hash-map order, which changes from
+    process to process, and breaks ties between equally frequent merges by those numbers, so the same
+    corpus can give different vocabularies (huggingface/tokenizers#1794). Here a first pass that makes
+    no merges finds the continuation characters; the real pass gets them up front, sorted, as extra
+    special tokens (the trainer numbers those in the order given), and they are turned back into
+    ordinary vocabulary entries afterwards. The cost: one more counting pass over the corpus.
+    """
+    trainer_options = dict(min_frequency=min_frequency, limit_alphabet=limit_alphabet, continuing_subword_prefix="##",
+                           show_progress=sys.stderr.isatty())
+    probe = untrained_bert_tokenizer(lowercase, strip_accents)
+    probe.train_from_iterator(texts(), trainer=trainers.WordPieceTrainer(vocab_size=0, special_tokens=SPECIAL_TOKENS, **trainer_options))
+    continuations = sorted(t for t in probe.get_vocab() if t.startswith("##"))
+
+    tok = untrained_bert_tokenizer(lowercase, strip_accents)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + continuations, **trainer_options)
+    tok.train_from_iterator(texts(), trainer=trainer)
+    # the continuation characters stay in the vocabulary but must not be added tokens (those match raw text)
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def add_bert_post_processor(tok: Tokenizer) -> None:
@@ -110,13 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.input:
             p.error("--input is required unless --from-existing is given")
-        tok = untrained_bert_tokenizer(lowercase, strip_accents)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=SPECIAL_TOKENS,
-            limit_alphabet=args.limit_alphabet, continuing_subword_prefix="##", show_progress=sys.stderr.isatty(),
-        )
         try:
-            tok.train_from_iterator(iter_texts(args.input, args.one_doc_per_line, args.text_key, args.skip_bad_files), trainer=trainer)
+            tok = train_wordpiece(lambda: iter_texts(args.input, args.one_doc_per_line, args.text_key, args.skip_bad_files),
+                                  args.vocab_size, args.min_frequency, args.limit_alphabet, lowercase, strip_accents)
         except sources.InputError as e:
             raise SystemExit(f"error: {e}") from None
         add_bert_post_processor(tok)

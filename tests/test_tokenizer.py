@@ -34,6 +34,19 @@ def test_trained_vocab_loads_in_transformers_with_bert_special_tokens(vocab_dir)
     assert tok.tokenize("中文") == ["中", "文"] or tok.tokenize("中文") == ["[UNK]", "[UNK]"]
 
 
+def test_the_same_corpus_gives_the_same_vocabulary_in_every_process(vocab_dir, corpus_dir, tmp_path):
+    # tokenizers alone numbers "##x" tokens in hash order (new per process) and breaks merge ties by those numbers
+    for i in range(2):
+        out = tmp_path / f"again{i}"
+        run_module("data_tools.train_tokenizer", "--input", corpus_dir, "--output", out, "--vocab-size", "400")
+        for name in ("vocab.txt", "tokenizer.json"):
+            assert (out / name).read_bytes() == (vocab_dir / name).read_bytes(), name
+    tok = load_tokenizer(vocab_dir)
+    # the continuation characters went in as special tokens to fix their order; they must not stay added tokens
+    assert sorted(t.content for t in tok.get_added_tokens_decoder().values()) == sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    assert "##e" in tok.get_vocab() and tok.encode("##e", add_special_tokens=False).tokens != ["##e"]
+
+
 def test_cased_vocab_keeps_case(cased_vocab_dir):
     from transformers import BertTokenizerFast
 
