@@ -12,12 +12,14 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # DeepSpeed JIT-builds ops on first use; a project-owned cache stops environments rebuilding each other's.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
+# tested versions of the main dependencies (empty: whatever pip resolves from pyproject.toml's ranges)
+CONSTRAINTS ?= .ci/constraints.txt
 STAMP := $(VENV)/.bert-ds-setup
 
 .PHONY: setup ops test test-fast lint demo bench clean
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@device="$(TORCH_DEVICE)"; \
@@ -35,7 +37,7 @@ $(STAMP): pyproject.toml Makefile
 	  echo "installing the CUDA build of torch $(TORCH_VERSION)"; \
 	  $(PIP) install -q "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 # DeepSpeed's CPU comm op, compiled once into TORCH_EXTENSIONS_DIR (about a minute the first time, then cached)
