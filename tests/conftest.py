@@ -22,9 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run_module(module: str, *args: str, check: bool = True, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m module args` the way a user does; returns the completed process."""
+    """Run `python -m module args` (or `python script.py args`) the way a user does; returns the completed process."""
     proc = subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
+        [sys.executable, *([module] if module.endswith(".py") else ["-m", module]), *map(str, args)],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
@@ -100,11 +100,7 @@ def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900) -> subpro
     args = [a for run in runs for a in ("--run", *map(str, run))]
     if num_ranks > 1:
         return deepspeed_launch(str(TRAIN_RUNS), *args, num_ranks=num_ranks, timeout=timeout)
-    proc = subprocess.run([sys.executable, str(TRAIN_RUNS), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=os.environ.copy())
-    if proc.returncode != 0:
-        raise AssertionError(f"train_runs.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_module(str(TRAIN_RUNS), *args, timeout=timeout)
 
 
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

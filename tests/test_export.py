@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, dist_env, free_port, run_module, tensorboard_scalars, write_run_config
+from tests.conftest import REPO, deepspeed_launch, run_module, tensorboard_scalars, write_run_config
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # subprocesses never ask the model hub (everything is local)
 
@@ -44,14 +44,8 @@ def runs(pretraining_shards, tmp_path_factory) -> dict:
         d / "big.yaml", pretraining_shards, d / "big", model=BIG_MODEL, data={"valid_prefix": ""},
         train={"max_steps": 1, "micro_batch_size": 2, "zero_stage": 2, "precision": "fp32", "log_interval": 1},
     )  # fmt: skip
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), "--out", str(d / "reference")]  # fmt: skip
-    for name, config in configs.items():
-        cmd += ["--reference" if name in REFERENCE_RUNS else "--run", str(config)]
-    env = {**os.environ, **dist_env(), "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    references = [a for name, config in configs.items() for a in ("--reference" if name in REFERENCE_RUNS else "--run", config)]
+    deepspeed_launch(str(WORKER), "--out", d / "reference", *references, timeout=900)
     return {"dir": d, **{name: d / name for name in configs}}
 
 

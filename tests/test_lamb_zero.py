@@ -11,18 +11,13 @@ The first run on a machine JIT-builds DeepSpeed's CPU comm op (~1 min, cached in
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.conftest import REPO, deepspeed_launch
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_scripts" / "lamb_zero_worker.py"
 RUNS = ["0", "1", "2", "3", "1:aligned", "2:rr", "2:naive", "3:naive", "1:bf16", "2:bf16", "1:bf16:naive"]
 # measured: ~4e-7 for ZeRO 1/2/3 against stage 0, ~0.67 for the naive per-partition LAMB
@@ -30,30 +25,10 @@ MATCH = 1e-5
 MISMATCH = 0.1
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("lamb_zero")
-    deepspeed_launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed_launcher), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd += [str(WORKER), "--out", str(out)]
-    for run in RUNS:
-        cmd += ["--run", run]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",  # 2 ranks on 2 cores
-        "GLOO_SOCKET_IFNAME": "lo",  # never leave the machine
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
-        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    deepspeed_launch(str(WORKER), "--out", out, *(a for run in RUNS for a in ("--run", run)), timeout=900)
     return {run: torch.load(out / (run.replace(":", "_") + ".pt")) for run in RUNS}
 
 

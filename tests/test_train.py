@@ -22,7 +22,7 @@ LISTED_TAGS = [
 
 def train(config: Path, *overrides: str, ranks: int = 1, check: bool = True):
     if ranks == 1:
-        return run_module("bert_ds.train", config, *overrides, check=check, env={})
+        return run_module("bert_ds.train", config, *overrides, check=check)
     return deepspeed_launch("bert_ds.train", config, *overrides, num_ranks=ranks, check=check)
 
 
@@ -104,6 +104,9 @@ RESUME = dict(
     scheduler={"name": "linear", "warmup_steps": 2, "total_steps": 12},
     # dropout stays on: the per-rank RNG is part of the checkpoint
 )
+PHASES = dict(optimizer={"name": "adamw", "lr": 3e-3}, eval={"num_samples": 32})  # what phase 1 and 2 share
+PHASE_TWO = {"train": {"max_steps": 3, "micro_batch_size": 8, "log_interval": 1}, "data": {"max_seq_length": 128}, **PHASES,
+             "scheduler": {"name": "constant_with_warmup", "warmup_steps": 1}}
 NO_DROPOUT = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
                                               "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
 
@@ -150,9 +153,8 @@ def one_process_runs(pretraining_shards, tmp_path_factory) -> Path:
                                   train={"max_steps": 8, "micro_batch_size": 16, "grad_accum_steps": 1, "log_interval": 1}, **accumulation),))
     runs.append((write_run_config(d / "acc.yaml", shards, d / "acc",
                                   train={"max_steps": 8, "micro_batch_size": 8, "grad_accum_steps": 2, "log_interval": 1}, **accumulation),))
-    phases = dict(optimizer={"name": "adamw", "lr": 3e-3}, eval={"num_samples": 32})
-    runs.append((write_run_config(d / "p1.yaml", shards, d / "p1", train={"max_steps": 60, "micro_batch_size": 16, "log_interval": 1}, **phases),))
-    runs.append((write_run_config(d / "fresh.yaml", shards, d / "fresh", **_phase_two(phases)),))
+    runs.append((write_run_config(d / "p1.yaml", shards, d / "p1", train={"max_steps": 60, "micro_batch_size": 16, "log_interval": 1}, **PHASES),))
+    runs.append((write_run_config(d / "fresh.yaml", shards, d / "fresh", **PHASE_TWO),))
     for name, checkpointing in (("plain", False), ("recompute", True)):
         model = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2},
                  "activation_checkpointing": checkpointing}
@@ -162,9 +164,6 @@ def one_process_runs(pretraining_shards, tmp_path_factory) -> Path:
     return d
 
 
-def _phase_two(common: dict) -> dict:
-    return {"train": {"max_steps": 3, "micro_batch_size": 8, "log_interval": 1}, "data": {"max_seq_length": 128}, **common,
-            "scheduler": {"name": "constant_with_warmup", "warmup_steps": 1}}
 
 
 @pytest.mark.slow
@@ -237,8 +236,7 @@ def test_config_errors_stop_before_training_and_name_the_problem(pretraining_sha
 @pytest.mark.slow
 def test_phase_two_starts_from_phase_one_weights_with_its_own_sequence_length_and_schedule(one_process_runs, pretraining_shards):
     d = one_process_runs
-    cont = write_run_config(d / "p2.yaml", pretraining_shards, d / "p2", checkpoint={"init_from": str(d / "p1")},
-                            **_phase_two(dict(optimizer={"name": "adamw", "lr": 3e-3}, eval={"num_samples": 32})))
+    cont = write_run_config(d / "p2.yaml", pretraining_shards, d / "p2", checkpoint={"init_from": str(d / "p1")}, **PHASE_TWO)
     proc = train(cont)
     assert "initialised weights from" in proc.stderr and "step00000060" in proc.stderr
     p1, p2, new = losses(d / "p1"), losses(d / "p2"), losses(d / "fresh")
