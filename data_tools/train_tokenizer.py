@@ -24,8 +24,8 @@ from data_tools.text import normalize_document
 from data_tools.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_info
 
 
-def iter_texts(inputs: list[str], one_doc_per_line: bool, text_key: str, skip_bad_files: bool) -> Iterator[str]:
-    """Batches of paragraphs from every input, in the same order preprocess reads them."""
+def iter_texts(inputs: list[str], one_doc_per_line: bool, text_key: str, skip_bad_files: bool, report: bool = True) -> Iterator[str]:
+    """Batches of paragraphs from every input, in the same order preprocess reads them; ``report``: say what was skipped or replaced."""
     stats = sources.ReadStats()
     for path in sources.expand_inputs(inputs):
         kind = sources.input_kind(path, one_doc_per_line)
@@ -34,14 +34,15 @@ def iter_texts(inputs: list[str], one_doc_per_line: bool, text_key: str, skip_ba
         except sources.InputError as e:
             if not skip_bad_files:
                 raise
-            print(f"skipping {e}", file=sys.stderr)
+            if report:
+                print(f"skipping {e}", file=sys.stderr)
             continue
         for unit in sources.plan_units([path], one_doc_per_line):
             batch = []
             for text, _ in sources.read_unit(unit, text_key, stats):
                 batch.extend(line for line in normalize_document(text).split("\n") if line.strip())
             yield batch
-    if stats.invalid_utf8:
+    if report and stats.invalid_utf8:
         print(f"replaced {stats.invalid_utf8:,} invalid UTF-8 sequence(s)", file=sys.stderr)
 
 
@@ -54,7 +55,7 @@ def untrained_bert_tokenizer(lowercase: bool, strip_accents: bool | None) -> Tok
     return tok
 
 
-def train_wordpiece(texts: Callable[[], Iterator[list[str]]], vocab_size: int, min_frequency: int, limit_alphabet: int,
+def train_wordpiece(texts: Callable[[bool], Iterator[list[str]]], vocab_size: int, min_frequency: int, limit_alphabet: int,
                     lowercase: bool, strip_accents: bool | None) -> Tokenizer:
     """WordPiece training that gives the same vocabulary every time for the same corpus.
 
@@ -64,16 +65,17 @@ def train_wordpiece(texts: Callable[[], Iterator[list[str]]], vocab_size: int, m
     no merges finds the continuation characters; the real pass gets them up front, sorted, as extra
     special tokens (the trainer numbers those in the order given), and they are turned back into
     ordinary vocabulary entries afterwards. The cost: one more counting pass over the corpus.
+    ``texts(report)`` reads the corpus; only the real pass reports what it skipped or replaced.
     """
     trainer_options = dict(min_frequency=min_frequency, limit_alphabet=limit_alphabet, continuing_subword_prefix="##",
                            show_progress=sys.stderr.isatty())
     probe = untrained_bert_tokenizer(lowercase, strip_accents)
-    probe.train_from_iterator(texts(), trainer=trainers.WordPieceTrainer(vocab_size=0, special_tokens=SPECIAL_TOKENS, **trainer_options))
+    probe.train_from_iterator(texts(False), trainer=trainers.WordPieceTrainer(vocab_size=0, special_tokens=SPECIAL_TOKENS, **trainer_options))
     continuations = sorted(t for t in probe.get_vocab() if t.startswith("##"))
 
     tok = untrained_bert_tokenizer(lowercase, strip_accents)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + continuations, **trainer_options)
-    tok.train_from_iterator(texts(), trainer=trainer)
+    tok.train_from_iterator(texts(True), trainer=trainer)
     # the continuation characters stay in the vocabulary but must not be added tokens (those match raw text)
     spec = json.loads(tok.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.input:
             p.error("--input is required unless --from-existing is given")
         try:
-            tok = train_wordpiece(lambda: iter_texts(args.input, args.one_doc_per_line, args.text_key, args.skip_bad_files),
+            tok = train_wordpiece(lambda report: iter_texts(args.input, args.one_doc_per_line, args.text_key, args.skip_bad_files, report),
                                   args.vocab_size, args.min_frequency, args.limit_alphabet, lowercase, strip_accents)
         except sources.InputError as e:
             raise SystemExit(f"error: {e}") from None

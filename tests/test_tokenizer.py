@@ -47,6 +47,17 @@ def test_the_same_corpus_gives_the_same_vocabulary_in_every_process(vocab_dir, c
     assert "##e" in tok.get_vocab() and tok.encode("##e", add_special_tokens=False).tokens != ["##e"]
 
 
+def test_vocab_training_reports_a_skipped_file_and_replaced_bytes_once(corpus_dir, tmp_path):
+    # the counting pass reads the corpus too; only the training pass reports
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.txt").write_bytes((corpus_dir / "a.txt").read_bytes() + b"Bad \xff\xfe bytes here. And more text.\n")
+    (inputs / "b.txt").write_bytes(b"ELF\x00\x01binary")
+    proc = run_module("data_tools.train_tokenizer", "--input", inputs, "--output", tmp_path / "vocab", "--vocab-size", "300", "--skip-bad-files")
+    assert proc.stderr.count(f"skipping {inputs / 'b.txt'}") == 1, proc.stderr
+    assert proc.stderr.count("replaced 2 invalid UTF-8 sequence(s)") == 1, proc.stderr
+
+
 def test_cased_vocab_keeps_case(cased_vocab_dir):
     from transformers import BertTokenizerFast
 
