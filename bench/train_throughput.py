@@ -33,7 +33,7 @@ descheduled peer in DeepSpeed's shared-memory all-reduce. Targets are judged on 
 MFU = achieved model FLOP/s per rank / the matmul peak of one core in the same precision
 (``bert_ds.metrics.measure_peak_tflops``, 1 thread, best of 3), two ways:
   * real:   the FLOPs each contender executes. bert-ds: ``training_flops_per_sample`` with its own
-            masked count (``data.max_predictions()``, what bert_ds.trainer reports); stock HF: the
+            masked count (``data.max_predictions()``, what the bert-ds trainer reports); stock HF: the
             MLM head over all ``seq`` positions (masked_per_sample = seq).
   * useful: one definition for all: bert-ds's (MLM head on masked_per_sample = max_predictions),
             i.e. the work a sparse-head trainer would need; the same ratio as samples/s.
@@ -137,7 +137,7 @@ def launch(name: str, target: list[str], ranks: int, logfile: Path, timeout: flo
     """
     import psutil
 
-    from bert_ds.dist import free_port
+    from bert_ds.cluster.dist import free_port
 
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
@@ -285,22 +285,22 @@ def run_config(args, work: Path, prefix: Path, vocab: Path, peak: float, log_int
 
 def build_dataset(cfg_dict: dict):
     """bert-ds's training dataset, built by the trainer's own code from the same run config."""
-    from bert_ds import trainer
     from bert_ds.config import run_config_from_dict
-    from bert_ds.vocab import resolve_vocab
+    from bert_ds.data.pretraining import train_dataset
+    from bert_ds.data.vocab import resolve_vocab
 
     cfg = run_config_from_dict(cfg_dict)
     vocab = resolve_vocab(cfg)
     if vocab.size != VOCAB_SIZE:
         raise SystemExit(f"expected the {VOCAB_SIZE}-token bert-base-uncased vocabulary, got {vocab.size} tokens")
-    return cfg, trainer.build_train_dataset(cfg, vocab)
+    return cfg, train_dataset(cfg, vocab)
 
 
 def dump_batches(args, cfg, dataset, path: Path) -> dict:
     """Each rank's micro-batches exactly as bert-ds's loader yields them (global positions rank, rank + w, ...)."""
     import torch
 
-    from bert_ds.pretraining_data import build_dataloader
+    from bert_ds.data.loader import build_dataloader
 
     ranks = []
     for rank in range(args.ranks):
@@ -318,8 +318,8 @@ def dump_batches(args, cfg, dataset, path: Path) -> dict:
 
 
 def loader_alone(args, cfg, dataset) -> dict:
-    """samples/s of bert_ds.pretraining_data.build_dataloader in this process (1 thread), nothing else running in it."""
-    from bert_ds.pretraining_data import build_dataloader
+    """samples/s of bert_ds.data.loader.build_dataloader in this process (1 thread), nothing else running in it."""
+    from bert_ds.data.loader import build_dataloader
 
     n = math.ceil(args.loader_samples / args.micro_batch) * args.micro_batch
     out = {}
@@ -387,7 +387,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch  # noqa: F401  (imported before the timers: slow)
 
-    from bert_ds.dist import resolve_precision
+    from bert_ds.precision import resolve_precision
 
     args.precision, why = resolve_precision(args.precision, "cpu")
     log(f"precision {args.precision} ({why})")

@@ -74,7 +74,7 @@ def flat_steps(ranks: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Ten
 def run_plain(args, meta, ranks, ds_config) -> dict:
     import deepspeed
 
-    from bert_ds import jit_ops
+    from bert_ds.cluster import jit_ops
     from bert_ds.optim import build_param_groups, build_scheduler
 
     jit_ops.prebuild_comm_op()  # the same cached op bert-ds uses; not part of what is timed

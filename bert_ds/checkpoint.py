@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -23,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+from bert_ds.config import CheckpointConfig
+from bert_ds.files import atomic_write
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "bert_ds_complete.json"
@@ -82,17 +84,11 @@ def save(engine, checkpoint_dir: Path, state: TrainState, keep_last: int, rank: 
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         marker = {"step": state.step, "world_size": world_size, "state": state.to_dict(), **(extra or {})}
-        _atomic_write(checkpoint_dir / tag / COMPLETE_MARKER, json.dumps(marker, indent=2))
-        _atomic_write(checkpoint_dir / "latest", tag)
+        atomic_write(checkpoint_dir / tag / COMPLETE_MARKER, json.dumps(marker, indent=2))
+        atomic_write(checkpoint_dir / "latest", tag)
         _prune(checkpoint_dir, keep_last)
     _barrier()
     return checkpoint_dir / tag
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_tags(checkpoint_dir: Path) -> list[str]:
@@ -163,3 +159,37 @@ def load_weights(engine, checkpoint_dir: Path, tag: str, load_optimizer_state: b
         str(checkpoint_dir), tag=tag,
         load_optimizer_states=load_optimizer_state, load_lr_scheduler_states=False, load_module_only=not load_optimizer_state,
     )
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Where a run starts: its trainer state, and the checkpoint it resumed from or took its weights from."""
+
+    state: TrainState
+    resumed_from: str | None = None
+    """The tag directory a resumed run continues (``checkpoint.resume``), else None."""
+    initialised_from: str | None = None
+    """The tag directory whose weights a new run starts from (``checkpoint.init_from``), else None."""
+
+
+def restore(engine, cfg: CheckpointConfig, checkpoint_dir: Path, rank: int, world_size: int) -> Restored:
+    """Resume (``checkpoint.resume``), else take a phase-1 checkpoint's weights (``checkpoint.init_from``), else start fresh.
+
+    All ranks call it.
+    """
+    if cfg.resume != "none":
+        if cfg.resume == "auto":
+            tag = latest_complete_tag(checkpoint_dir)
+            location = (checkpoint_dir, tag) if tag else None
+        else:
+            location = resolve(cfg.resume)
+        if location:
+            state = load(engine, location[0], location[1], rank, world_size)
+            log.info("resumed from %s/%s at step %d (%d samples consumed)", location[0], location[1], state.step, state.consumed_samples)
+            return Restored(state, resumed_from=str(location[0] / location[1]))
+    if cfg.init_from:
+        source_dir, tag = resolve(cfg.init_from)
+        load_weights(engine, source_dir, tag, cfg.load_optimizer_state)
+        log.info("initialised weights%s from %s/%s", " and optimizer state" if cfg.load_optimizer_state else "", source_dir, tag)
+        return Restored(TrainState(), initialised_from=str(source_dir / tag))
+    return Restored(TrainState())

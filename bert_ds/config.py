@@ -3,7 +3,7 @@
 A run is described by one YAML file (examples in ``launch/configs/``) plus optional
 ``key=value`` overrides from the command line::
 
-    python -m bert_ds launch/configs/tiny_demo.yaml train.max_steps=50 optimizer.lr=5e-4
+    python -m bert_ds.train launch/configs/tiny_demo.yaml train.max_steps=50 optimizer.lr=5e-4
 
 :func:`load_run_config` reads the file with a safe YAML loader and converts it section by
 section into the dataclasses below. Loading is strict, because a misspelled key that is
@@ -34,9 +34,7 @@ import dataclasses
 import difflib
 import functools
 import math
-import os
 import re
-import tempfile
 import typing
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,6 +43,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+
+from bert_ds.files import atomic_write
 
 __all__ = [
     "MODEL_PRESETS",
@@ -63,6 +63,7 @@ __all__ = [
     "load_run_config",
     "run_config_from_dict",
     "save_resolved",
+    "split_command_line",
 ]
 
 
@@ -379,10 +380,14 @@ class DataConfig:
         _one_of("data.nsp_mode", self.nsp_mode, _NSP_MODES)
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
 
+    def prefixes(self) -> list[str]:
+        """Every shard prefix the run reads: the training prefixes, then the held-out one if set."""
+        return [*self.train_prefix, *([self.valid_prefix] if self.valid_prefix else [])]
+
     def max_predictions(self, mask_prob: float | None = None) -> int:
         """Masked positions per sequence: the explicit cap, else ``max(1, round_half_up(L * p))``.
 
-        The masking rule (``bert_ds.masking``, after Google's ``create_pretraining_data.py``)
+        The masking rule (``bert_ds.data.masking``, after Google's ``create_pretraining_data.py``)
         gives a sequence with ``n`` maskable tokens exactly ``max(1, round_half_up(n * p))``
         targets. Since ``n < L`` (the ``max_seq_length``), the derived value is at least the
         largest count that can occur, so it never truncates: 19 for L=128 and 77 for L=512 at
@@ -419,7 +424,7 @@ class TrainConfig:
     precision: str = "fp32"
     """Training precision: ``fp32``, ``bf16``, ``fp16`` (dynamic loss scaling) or ``auto``: bf16 where
     the device runs it at speed (Ampere+ GPUs, AVX-512/AMX CPUs), fp16 on older GPUs, fp32 on other
-    CPUs (``bert_ds.dist.select_precision``). The run directory's config.yaml records the choice."""
+    CPUs (``bert_ds.precision.select_precision``). The run directory's config.yaml records the choice."""
 
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (data parallel), 1 (partition optimizer state), 2 (+ gradients),
@@ -663,7 +668,7 @@ class RunConfig:
     _section: ClassVar[str] = ""
 
     run_dir: str
-    """Output directory: checkpoints, TensorBoard events, the resolved ``run_config.yaml`` and
+    """Output directory: checkpoints, TensorBoard events, the resolved ``config.yaml`` and
     ``ds_config.json``. Re-using it with ``checkpoint.resume=auto`` continues the run."""
 
     seed: int = 1234
@@ -900,19 +905,28 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
 def save_resolved(cfg: RunConfig, path: str | Path) -> Path:
     """Write the fully resolved config as YAML (every key, defaults included); returns the path.
 
-    The file loads back with :func:`load_run_config` to an equal config. It is written to a
-    temporary name and renamed, so a crash never leaves a truncated file.
+    The file loads back with :func:`load_run_config` to an equal config, and is written atomically.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Resolved run config written by bert_ds (defaults filled in, overrides applied).\n"
-    body = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(header + body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False))
+
+
+def split_command_line(argv: Sequence[str], usage: str) -> tuple[str, list[str]]:
+    """``CONFIG key=value ...`` -> (config path, overrides), dropping the ``--local_rank=N`` the deepspeed launcher appends.
+
+    Exits with ``usage`` when no config is given or help is asked for.
+    """
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if re.fullmatch(r"--local[_-]rank=\d+", a):
+            continue
+        if a in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        args.append(a)
+    if not args or args[0] in ("-h", "--help"):
+        raise SystemExit(usage)
+    return args[0], args[1:]

@@ -25,12 +25,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from bert_ds.config import ConfigError, ConfigWarning, RunConfig
+from bert_ds.files import atomic_write
 
 __all__ = ["REPO_ROOT", "build_ds_config", "load_preset", "resolve_preset_path", "save_ds_config"]
 
@@ -164,7 +164,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
     if train.precision == "auto":
-        raise ConfigError("train.precision auto is resolved for a device first (bert_ds.dist.resolve_precision; the trainer does it)")
+        raise ConfigError("train.precision auto is resolved for a device first (bert_ds.precision.resolve_precision; the start-up does it)")
     preset, resolved = load_preset(train.ds_config)
     source = str(resolved)
     _check_ownership(preset, source)
@@ -232,16 +232,5 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 def save_ds_config(ds: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a built DeepSpeed config as JSON (temporary name, then rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(ds, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a built DeepSpeed config as JSON, atomically; returns the path."""
+    return atomic_write(path, json.dumps(ds, indent=2) + "\n")

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from bert_ds.config import LoggingConfig
+from bert_ds.model import training_flops
+
 log = logging.getLogger("bert_ds")
 
 
@@ -76,6 +79,13 @@ class Throughput:
         self.world_size = world_size
         self.peak = peak_tflops_per_device
         self._t = time.perf_counter()
+
+    @classmethod
+    def for_model(cls, cfg: LoggingConfig, bert_config, seq_length: int, world_size: int, device: torch.device, dtype: torch.dtype) -> Throughput:
+        """Throughput of training ``bert_config`` on ``seq_length``-token samples; MFU against ``logging.peak_tflops_per_device``
+        or, when that is 0, the matmul peak measured here. FLOPs count the masked tokens actually predicted, not the cap."""
+        peak = cfg.peak_tflops_per_device or measure_peak_tflops(device, dtype)
+        return cls(lambda samples, masked: training_flops(bert_config, seq_length, samples, masked), world_size, peak)
 
     def reset(self) -> None:
         self._t = time.perf_counter()

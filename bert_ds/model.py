@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining
 
 from bert_ds.config import ModelConfig
-from bert_ds.masking import IGNORE_INDEX  # the labels' "not predicted" value, defined once
+from bert_ds.data.masking import IGNORE_INDEX  # the labels' "not predicted" value, defined once
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ one flat fp32 *partition* per parameter group instead of the parameters, so an o
 a single ratio over a slice of many parameters (DeepSpeed issues #88, #490, #1217, #1285).
 
 Here the trainer calls :func:`configure_lamb_for_zero` right after ``deepspeed.initialize``. It reads
-where each parameter lives inside this rank's flat partitions (a :class:`FlatLayout` of
-:class:`Segment` s) and hands that to :class:`Lamb`. In ``step()`` Lamb sums ``w**2`` and
+where each parameter lives inside this rank's flat partitions (a ``bert_ds.zero.layout.FlatLayout``,
+read by ``bert_ds.zero.partitions``) and hands that to :class:`Lamb`. In ``step()`` Lamb sums ``w**2`` and
 ``update**2`` per parameter over its local slices, all-reduces those sums over the data-parallel
 group (2 floats per parameter of the group), and applies each parameter's full ratio to its slices.
 DeepSpeed calls ``step()`` once per parameter group (ZeRO 1/2) or sub-group (ZeRO 3), so that is one
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+
+from bert_ds.zero.layout import FlatLayout
+from bert_ds.zero.partitions import partition_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -58,118 +60,6 @@ def build_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Where parameters live inside a flat partition
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """One parameter's elements inside a rank's flat partition.
-
-    Elements ``[start, start + length)`` of the flat partition are elements
-    ``[param_start, param_start + length)`` of the flattened parameter.
-    """
-
-    start: int
-    """Offset of the first element in the flat partition."""
-    length: int
-    """Number of elements (always > 0)."""
-    param_index: int
-    """Position of the parameter in its group's full parameter list: the same on every rank, so it
-    indexes the all-reduced per-parameter sums."""
-    param_start: int
-    """Offset of the first element inside the flattened parameter."""
-
-
-@dataclass(frozen=True, slots=True)
-class FlatLayout:
-    """How one flat fp32 tensor seen by the optimizer maps onto whole parameters.
-
-    Elements not covered by a segment are ZeRO alignment padding: they hold zeros and get no update.
-    """
-
-    segments: tuple[Segment, ...]
-    """The parameter slices held locally, in increasing ``start`` order."""
-    num_params: int
-    """Parameters in the whole group (on all ranks together); the all-reduce has 2 floats per parameter."""
-    numel: int
-    """Elements in the flat tensor, padding included."""
-    process_group: Any | None
-    """The group the parameters are partitioned over; ``None`` when this tensor holds whole parameters."""
-
-    def __post_init__(self) -> None:
-        end = 0
-        for seg in self.segments:
-            if seg.length <= 0 or seg.start < end or not 0 <= seg.param_index < self.num_params:
-                raise ValueError(f"bad segment {seg} in a flat tensor of {self.numel} elements")
-            end = seg.start + seg.length
-        if end > self.numel:
-            raise ValueError(f"segments end at element {end}, past the flat tensor's {self.numel} elements")
-
-    def pieces(self) -> tuple[list[int], list[int]]:
-        """Cover the flat tensor with consecutive pieces: (lengths, param index or ``num_params`` for padding)."""
-        lengths: list[int] = []
-        keys: list[int] = []
-        pos = 0
-        for seg in self.segments:
-            if seg.start > pos:
-                lengths.append(seg.start - pos)
-                keys.append(self.num_params)
-            lengths.append(seg.length)
-            keys.append(seg.param_index)
-            pos = seg.start + seg.length
-        if pos < self.numel:
-            lengths.append(self.numel - pos)
-            keys.append(self.num_params)
-        return lengths, keys
-
-
-def contiguous_partition_segments(
-    param_numels: Sequence[int], param_offsets: Sequence[int], partition_start: int, partition_size: int
-) -> list[Segment]:
-    """Segments of one rank's partition when a group is flattened into one buffer and cut into equal parts.
-
-    This is the ZeRO 1/2 (and BF16 optimizer) layout: parameter ``k`` occupies
-    ``[param_offsets[k], param_offsets[k] + param_numels[k])`` of the flat group buffer (gaps are
-    alignment padding) and the rank owns ``[partition_start, partition_start + partition_size)``.
-    A parameter may straddle two or more ranks.
-
-    e.g. numels [6, 3, 5], offsets [0, 6, 9], 2 ranks of 7 elements:
-      rank 0 -> (start 0, len 6, param 0, from 0), (start 6, len 1, param 1, from 0)
-      rank 1 -> (start 0, len 2, param 1, from 1), (start 2, len 5, param 2, from 0)
-    """
-    partition_end = partition_start + partition_size
-    segments = []
-    for index, (numel, offset) in enumerate(zip(param_numels, param_offsets, strict=True)):
-        lo, hi = max(offset, partition_start), min(offset + numel, partition_end)
-        if lo < hi:
-            segments.append(Segment(lo - partition_start, hi - lo, index, lo - offset))
-    return segments
-
-
-def sharded_params_segments(param_numels: Sequence[int], shard_numels: Sequence[int], rank: int) -> list[Segment]:
-    """Segments of one rank's partition when every parameter is sharded over all ranks (ZeRO 3).
-
-    Parameter ``k`` is padded to ``shard_numels[k] * world_size`` elements and rank ``r`` holds
-    elements ``[r * shard, (r + 1) * shard)`` of it; the rank's flat partition is its shards back to
-    back. The last ranks' shards may be partly (or wholly) padding.
-
-    e.g. numels [5, 2], shards [3, 1], 2 ranks:
-      rank 0 -> (start 0, len 3, param 0, from 0), (start 3, len 1, param 1, from 0)
-      rank 1 -> (start 0, len 2, param 0, from 3), (start 3, len 1, param 1, from 1)   # element 2 is padding
-    """
-    segments = []
-    start = 0
-    for index, (numel, shard) in enumerate(zip(param_numels, shard_numels, strict=True)):
-        param_start = rank * shard
-        length = min(shard, numel - param_start)
-        if length > 0:
-            segments.append(Segment(start, length, index, param_start))
-        start += shard
-    return segments
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,90 +249,6 @@ class Lamb(torch.optim.Optimizer):
             p.add_(update.mul_(scale).to(p.dtype), alpha=-group["lr"])
 
 
-# ---------------------------------------------------------------------------------------------------
-# Reading DeepSpeed's partition bookkeeping (attribute names as of DeepSpeed 0.19.8)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _zero_attr(obj: Any, name: str) -> Any:
-    """Read a ZeRO optimizer attribute, failing with a message that says what to update."""
-    try:
-        return getattr(obj, name)
-    except AttributeError:
-        raise RuntimeError(
-            f"{type(obj).__name__} has no attribute {name!r}: this DeepSpeed version lays out ZeRO partitions "
-            "differently from the one bert_ds.optim was written against (0.19.8); update the layout readers"
-        ) from None
-
-
-def zero12_layouts(zero_optimizer: Any) -> list[tuple[torch.Tensor, FlatLayout]]:
-    """Layouts of the flat fp32 partitions of a ZeRO 1/2 ``DeepSpeedZeroOptimizer``.
-
-    Per group ``i``, the parameters (reordered when ``round_robin_gradients`` is on) are flattened into
-    ``bit16_groups_flat[i]`` at ``round_robin_bit16_offsets[i]`` (gaps are ``parameter_alignment``
-    padding; the tail is padded so the buffer splits evenly) and rank ``r`` owns
-    ``[r * partition_size[i], (r + 1) * partition_size[i])`` as ``single_partition_of_fp32_groups[i]``.
-    Cross-checked against DeepSpeed's own ``params_in_partition`` and ``first_offset``.
-    """
-    layouts = []
-    flats = _zero_attr(zero_optimizer, "single_partition_of_fp32_groups")
-    for i, flat in enumerate(flats):
-        group = _zero_attr(zero_optimizer, "real_dp_process_group")[i]
-        rank = torch_dist.get_rank(group=group)
-        params = _zero_attr(zero_optimizer, "round_robin_bit16_groups")[i]
-        metas = _zero_attr(zero_optimizer, "round_robin_bit16_meta")[i]  # shapes even if storage is offloaded
-        offsets = _zero_attr(zero_optimizer, "round_robin_bit16_offsets")[i]
-        size = int(_zero_attr(zero_optimizer, "partition_size")[i])
-        segments = contiguous_partition_segments([m.numel() for m in metas], offsets, rank * size, size)
-
-        held = [params[s.param_index] for s in segments]
-        expected = [p for p in _zero_attr(zero_optimizer, "params_in_partition")[i] if p.numel() > 0]
-        first_offset = segments[0].param_start if segments else 0
-        ds_first_offset = _zero_attr(zero_optimizer, "first_offset")[i]
-        if [id(p) for p in held] != [id(p) for p in expected] or first_offset != ds_first_offset:
-            raise RuntimeError(f"ZeRO group {i}: computed partition layout disagrees with DeepSpeed's params_in_partition")
-        layouts.append((flat, FlatLayout(tuple(segments), len(params), flat.numel(), group)))
-    return layouts
-
-
-def zero3_layouts(zero_optimizer: Any) -> list[tuple[torch.Tensor, FlatLayout]]:
-    """Layouts of the flat fp32 partitions of a ZeRO 3 ``DeepSpeedZeroOptimizer_Stage3``.
-
-    Per sub-group ``i``, ``fp32_partitioned_groups_flat[i]`` is this rank's shards of the parameters
-    ``fp16_groups[i]`` back to back; each shard is ``param.ds_tensor.ds_numel`` elements, covering
-    elements ``[rank * shard, (rank + 1) * shard)`` of the parameter (``param.ds_numel`` elements, padded).
-    """
-    layouts = []
-    flats = _zero_attr(zero_optimizer, "fp32_partitioned_groups_flat")
-    for i, flat in enumerate(flats):
-        group = _zero_attr(zero_optimizer, "sub_group_process_groups")[i]
-        params = _zero_attr(zero_optimizer, "fp16_groups")[i]
-        shards = [p.ds_tensor.ds_numel for p in params]
-        if sum(shards) != flat.numel():
-            raise RuntimeError(f"ZeRO 3 sub-group {i}: shards sum to {sum(shards)}, flat partition has {flat.numel()}")
-        segments = sharded_params_segments([p.ds_numel for p in params], shards, torch_dist.get_rank(group=group))
-        layouts.append((flat, FlatLayout(tuple(segments), len(params), flat.numel(), group)))
-    return layouts
-
-
-def bf16_optimizer_layouts(bf16_optimizer: Any) -> list[tuple[torch.Tensor, FlatLayout]]:
-    """Layouts for DeepSpeed's ``BF16_Optimizer`` (bf16 + ZeRO 1 with fp32 gradient accumulation).
-
-    It flattens each group's parameters with no gaps, pads the tail so the buffer splits evenly and
-    gives rank ``r`` the ``r``-th equal part as ``fp32_groups_flat_partition[i]``.
-    """
-    layouts = []
-    flats = _zero_attr(bf16_optimizer, "fp32_groups_flat_partition")
-    for i, flat in enumerate(flats):
-        group = _zero_attr(bf16_optimizer, "real_dp_process_group")[i]
-        numels = [p.numel() for p in _zero_attr(bf16_optimizer, "bf16_groups")[i]]
-        offsets = [sum(numels[:k]) for k in range(len(numels))]
-        size = flat.numel()
-        segments = contiguous_partition_segments(numels, offsets, torch_dist.get_rank(group=group) * size, size)
-        layouts.append((flat, FlatLayout(tuple(segments), len(numels), size, group)))
-    return layouts
-
-
 def configure_lamb_for_zero(engine: Any) -> int:
     """Make a :class:`Lamb` client optimizer compute per-parameter trust ratios under ZeRO.
 
@@ -463,23 +269,9 @@ def configure_lamb_for_zero(engine: Any) -> int:
     if wrapper is lamb:
         return 0
 
-    # imported here so that bert_ds.optim stays importable (and fast to import) without DeepSpeed
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if isinstance(wrapper, FP16_UnfusedOptimizer):
+    layouts = partition_layouts(wrapper)
+    if layouts is None:
         return 0
-    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        layouts = zero3_layouts(wrapper)
-    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
-        layouts = zero12_layouts(wrapper)
-    elif isinstance(wrapper, BF16_Optimizer):
-        layouts = bf16_optimizer_layouts(wrapper)
-    else:
-        # refusing beats a silently wrong trust ratio
-        raise NotImplementedError(f"Lamb under DeepSpeed's {type(wrapper).__name__} is not supported")
 
     for flat in list(lamb.flat_layouts):  # idempotent: forget partitions from an earlier call
         lamb.set_flat_layout(flat, None)

@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 
-from bert_ds.indexed_dataset import IndexedDataset, IndexedDatasetError, bin_path, idx_path
-from data_tools.metadata import MetadataError, read_metadata
-from data_tools.tokenizer import TokenizerError, load_tokenizer
+from bert_ds.data.indexed_dataset import IndexedDataset, IndexedDatasetError, bin_path, idx_path
+from bert_ds.data.metadata import MetadataError, read_metadata
+from bert_ds.data.vocab import TokenizerError, load_tokenizer
 
 # sentence-length histogram bucket edges, in tokens
 _EDGES = [0, 8, 16, 32, 64, 128, 256, 512]

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from bert_ds import __version__
-from bert_ds.indexed_dataset import IndexedDatasetError, merge_datasets
-from data_tools.metadata import read_metadata
-from data_tools.preprocess import valid_prefix, write_metadata
+from bert_ds.data.indexed_dataset import IndexedDatasetError, merge_datasets
+from bert_ds.data.metadata import read_metadata
+from data_tools.preprocess import valid_prefix
 
 
 def merge(inputs: list[str], output_prefix: str) -> dict:
@@ -26,19 +26,15 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
     if len(hashes) > 1:
         raise IndexedDatasetError("cannot merge shards tokenized with different vocabularies: " + ", ".join(
             f"{p}: {m['tokenizer']['vocab_sha256'][:12]}" for p, m in zip(inputs, metas, strict=True) if m))
-    ds = merge_datasets(inputs, output_prefix)
     base = next((m for m in metas if m), {})
-    write_metadata(
-        Path(f"{output_prefix}.json"),
-        {
-            **{k: v for k, v in base.items() if k not in ("counts", "sources", "shard")},
-            "tool": "bert-ds data_tools.merge",
-            "tool_version": __version__,
-            "counts": {"documents": ds.num_documents, "sentences": ds.num_sequences, "tokens": ds.num_tokens},
-            "sources": [s for m in metas for s in m.get("sources", [])],
-            "merged_from": [str(p) for p in inputs],
-        },
-    )
+    metadata = {
+        **{k: v for k, v in base.items() if k not in ("counts", "sources", "shard")},
+        "tool": "bert-ds data_tools.merge",
+        "tool_version": __version__,
+        "sources": [s for m in metas for s in m.get("sources", [])],
+        "merged_from": [str(p) for p in inputs],
+    }
+    ds = merge_datasets(inputs, output_prefix, metadata if base else None)
     return {"output_prefix": output_prefix, "documents": ds.num_documents, "sentences": ds.num_sequences, "tokens": ds.num_tokens}
 
 

@@ -24,15 +24,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from bert_ds import __version__
-from bert_ds.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
+from bert_ds.data.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
+from bert_ds.data.vocab import TokenizerError, load_tokenizer, tokenizer_info
 from data_tools import sources
 from data_tools.text import document_sentences, normalize_document
-from data_tools.tokenizer import SentenceEncoder, TokenizerError, load_tokenizer, tokenizer_info
+from data_tools.tokenizer import SentenceEncoder
 
 # Tokenization runs one thread per worker process: `--workers` is the whole parallelism,
 # so 1 vs 2 workers is an honest comparison and processes do not oversubscribe cores.
@@ -157,12 +157,6 @@ def valid_prefix(prefix: str) -> str:
     return f"{prefix}_valid"
 
 
-def write_metadata(path: Path, meta: dict) -> None:
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     try:
@@ -215,43 +209,38 @@ def run(args: argparse.Namespace) -> dict:
                 progress.set_postfix(docs_per_s=f"{counts['docs_in'] / elapsed:,.0f}", refresh=False)
     except sources.InputError as e:
         for w in writers.values():
-            w._abort()
+            w.abort()
         raise SystemExit(f"error: {e}") from None
     except BaseException:
         for w in writers.values():
-            w._abort()
+            w.abort()
         raise
     finally:
         if progress is not None:
             progress.close()
-    for w in writers.values():
-        w.finalize()
 
-    seconds = time.perf_counter() - t0
     for split, writer in writers.items():
-        write_metadata(
-            Path(f"{prefixes[split]}.json"),
-            {
-                "format": "megatron-indexed-dataset",
-                "format_version": 1,
-                "tool": "bert-ds data_tools.preprocess",
-                "tool_version": __version__,
-                "split": split,
-                "dtype": dtype.name,
-                "tokenizer": info.to_json(),
-                "counts": {"documents": writer.num_documents, "sentences": writer.num_sequences, "tokens": writer.num_tokens},
-                "sources": source_files,
-                "shard": {"index": args.shard_index, "num_shards": args.num_shards},
-                "options": {
-                    "text_key": args.text_key,
-                    "one_doc_per_line": args.one_doc_per_line,
-                    "valid_fraction": args.valid_fraction,
-                    "drop_short_docs": args.drop_short_docs,
-                    "seed": args.seed,
-                    "sentence_splitter": "data_tools.text v1",
-                },
+        # .bin, .idx and this metadata appear together (the .json last): a crash never leaves a stale .json
+        writer.finalize({
+            "format": "megatron-indexed-dataset",
+            "format_version": 1,
+            "tool": "bert-ds data_tools.preprocess",
+            "tool_version": __version__,
+            "split": split,
+            "dtype": dtype.name,
+            "tokenizer": info.to_json(),
+            "sources": source_files,
+            "shard": {"index": args.shard_index, "num_shards": args.num_shards},
+            "options": {
+                "text_key": args.text_key,
+                "one_doc_per_line": args.one_doc_per_line,
+                "valid_fraction": args.valid_fraction,
+                "drop_short_docs": args.drop_short_docs,
+                "seed": args.seed,
+                "sentence_splitter": "data_tools.text v1",
             },
-        )
+        })
+    seconds = time.perf_counter() - t0
     docs_written = counts["docs_train"] + counts["docs_valid"]
     summary = {
         "docs_in": counts["docs_in"],

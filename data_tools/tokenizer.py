@@ -1,122 +1,18 @@
-"""Loading WordPiece tokenizers, hashing vocabularies, and fast batch encoding.
-
-A tokenizer directory is anything ``transformers.BertTokenizerFast.from_pretrained`` loads:
-one written by ``data_tools.train_tokenizer`` (``tokenizer.json`` + ``vocab.txt``) or an
-existing Hugging Face BERT checkpoint directory (often only ``vocab.txt`` +
-``tokenizer_config.json``).
-"""
+"""Fast batch encoding of sentences with a WordPiece tokenizer (loading and hashing live in ``bert_ds.data.vocab``)."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-import os
 import re
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from tokenizers.implementations import BertWordPieceTokenizer
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # the word cache is bounded so a worker's memory does not grow with the corpus;
 # 200k entries (~40 MB) keep the hit rate above 99% on English text
 _WORD_CACHE_LIMIT = 200_000
-
-
-class TokenizerError(ValueError):
-    """A tokenizer directory is missing, unreadable or not a BERT WordPiece vocabulary."""
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load the fast tokenizer of a directory (ours or a Hugging Face BERT checkpoint)."""
-    path = Path(path)
-    if path.is_file() and path.name == "tokenizer.json":
-        path = path.parent
-    if not path.is_dir():
-        raise TokenizerError(f"{path}: tokenizer directory not found")
-    tokenizer_json, vocab_txt = path / "tokenizer.json", path / "vocab.txt"
-    if tokenizer_json.exists():
-        try:
-            tok = Tokenizer.from_file(str(tokenizer_json))
-        except Exception as e:  # the Rust loader raises a bare Exception
-            raise TokenizerError(f"{tokenizer_json}: cannot load ({e})") from None
-    elif vocab_txt.exists():
-        tokens = set(vocab_txt.read_text(encoding="utf-8").splitlines())
-        missing = [t for t in SPECIAL_TOKENS if t not in tokens]
-        if missing:
-            raise TokenizerError(f"{vocab_txt}: vocabulary lacks the BERT special tokens {missing}")
-        cfg = _read_json(path / "tokenizer_config.json")
-        lowercase = bool(cfg.get("do_lower_case", True))
-        tok = BertWordPieceTokenizer(
-            str(vocab_txt),
-            lowercase=lowercase,
-            strip_accents=cfg.get("strip_accents"),
-            handle_chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)),
-        )._tokenizer
-    else:
-        raise TokenizerError(f"{path}: neither tokenizer.json nor vocab.txt found; not a tokenizer directory")
-    # checkpoints often ship tokenizer.json with padding/truncation on (MiniLM pads to 128):
-    # shards hold whole sentences, so both are switched off
-    tok.no_padding()
-    tok.no_truncation()
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-    if missing:
-        raise TokenizerError(f"{path}: vocabulary lacks the BERT special tokens {missing}")
-    return tok
-
-
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def vocab_tokens(tok: Tokenizer) -> list[str]:
-    vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [""] * len(vocab)
-    for token, i in vocab.items():
-        tokens[i] = token
-    return tokens
-
-
-def vocab_sha256(tok: Tokenizer) -> str:
-    """Identity of a vocabulary: the tokens in id order. Shards record it; the trainer checks it."""
-    return hashlib.sha256("\n".join(vocab_tokens(tok)).encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    path: str
-    vocab_size: int
-    vocab_sha256: str
-    normalizer: str
-    special_token_ids: dict[str, int]
-
-    def to_json(self) -> dict:
-        return {
-            "path": self.path,
-            "vocab_size": self.vocab_size,
-            "vocab_sha256": self.vocab_sha256,
-            "normalizer": self.normalizer,
-            "special_token_ids": self.special_token_ids,
-        }
-
-
-def tokenizer_info(path: str | os.PathLike) -> TokenizerInfo:
-    tok = load_tokenizer(path)
-    return TokenizerInfo(
-        path=str(Path(path).resolve()),
-        vocab_size=tok.get_vocab_size(with_added_tokens=True),
-        vocab_sha256=vocab_sha256(tok),
-        normalizer=repr(tok.normalizer),
-        special_token_ids={t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
-    )
 
 
 class AsciiWordPiece:

@@ -14,14 +14,16 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from bert_ds.data.vocab import SPECIAL_TOKENS, load_tokenizer, tokenizer_info
+from bert_ds.files import FileUnit
 from data_tools import sources
 from data_tools.text import normalize_document
-from data_tools.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_info
 
 
 def iter_texts(inputs: list[str], one_doc_per_line: bool, text_key: str, skip_bad_files: bool, report: bool = True) -> Iterator[str]:
@@ -90,9 +92,7 @@ def add_bert_post_processor(tok: Tokenizer) -> None:
 
 
 def save(tok: Tokenizer, output: Path, lowercase: bool, strip_accents: bool | None) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    tok.model.save(str(output))  # vocab.txt
-    tok.save(str(output / "tokenizer.json"))
+    """Write the tokenizer directory's files as one unit, ``tokenizer.json`` (what loaders read first) last."""
     config = {
         "tokenizer_class": "BertTokenizer",
         "do_lower_case": lowercase,
@@ -105,9 +105,14 @@ def save(tok: Tokenizer, output: Path, lowercase: bool, strip_accents: bool | No
         "cls_token": "[CLS]",
         "mask_token": "[MASK]",
     }
-    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {k: v for k, v in config.items() if k.endswith("_token")}
-    (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    names = ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
+    with FileUnit([output / name for name in names]) as unit, tempfile.TemporaryDirectory(dir=output) as scratch:
+        (vocab_file,) = tok.model.save(scratch)  # vocab.txt, one token per line in id order
+        os.replace(vocab_file, unit.temp(output / "vocab.txt"))
+        unit.temp(output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        unit.temp(output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        tok.save(str(unit.temp(output / "tokenizer.json")))
 
 
 def main(argv: list[str] | None = None) -> None:

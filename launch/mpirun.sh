@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Open MPI's mpirun starts the ranks; bert_ds.dist reads them from OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK.
+# Open MPI's mpirun starts the ranks; bert_ds.cluster.dist reads them from OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK.
 #   NP=2 launch/mpirun.sh launch/configs/tiny_demo.yaml [key=value ...]                                  # this node
 #   NP=16 HOSTFILE=hostfiles/example_2x8 SOCKET_IFNAME=eth0 launch/mpirun.sh CONFIG [key=value ...]     # across nodes
 # Environment (defaults): NP (required), HOSTFILE (unset: this node), MASTER_ADDR (the first host of HOSTFILE, else

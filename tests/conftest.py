@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,14 +61,6 @@ def vocab_dir(corpus_dir, tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dist_env() -> dict:
     """Environment for multi-rank tests: loopback only, one thread per rank, the project's op cache."""
     return {
@@ -80,6 +73,8 @@ def dist_env() -> dict:
 
 def deepspeed_launch(module: str, *args: str, num_ranks: int = 2, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module ...` on 127.0.0.1, real ranks; a ``module`` ending in .py is launched as a script."""
+    from bert_ds.cluster.dist import free_port  # imported here: torch loads after the thread settings above
+
     launcher = Path(sys.executable).with_name("deepspeed")
     target = [module] if module.endswith(".py") else ["--module", module]
     cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *map(str, args)]
@@ -92,15 +87,29 @@ def deepspeed_launch(module: str, *args: str, num_ranks: int = 2, check: bool = 
 TRAIN_RUNS = REPO / "tests" / "dist_scripts" / "train_runs.py"
 
 
-def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
+@dataclass
+class Launch:
+    """What a ``train_runs`` launch gave: each run's ``TrainResult`` (as a dict, in order) and the launch's stderr."""
+
+    results: list[dict]
+    stderr: str
+
+
+def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900) -> Launch:
     """Train several runs, each ``(config, *overrides)``, one after another in one launch (tests/dist_scripts/train_runs.py).
 
     One process for ``num_ranks=1`` (``THREADS`` threads), else ``deepspeed --num_gpus N`` on 127.0.0.1.
     """
-    args = [a for run in runs for a in ("--run", *map(str, run))]
-    if num_ranks > 1:
-        return deepspeed_launch(str(TRAIN_RUNS), *args, num_ranks=num_ranks, timeout=timeout)
-    return run_module(str(TRAIN_RUNS), *args, timeout=timeout)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        results = Path(d) / "results.json"
+        args = [a for run in runs for a in ("--run", *map(str, run))] + ["--results", str(results)]
+        if num_ranks > 1:
+            proc = deepspeed_launch(str(TRAIN_RUNS), *args, num_ranks=num_ranks, timeout=timeout)
+        else:
+            proc = run_module(str(TRAIN_RUNS), *args, timeout=timeout)
+        return Launch(json.loads(results.read_text()), proc.stderr)
 
 
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bert_ds.dist import NodeInfo, discover_node, discover_ranks, expected_rank_hosts
-from bert_ds.hostfile import HostEntry, HostfileError, expand_nodelist, expand_tasks_per_node, format_hostfile, from_slurm, parse_hostfile
-from bert_ds.preflight import find_problems, format_table, missing_ranks_message
+from bert_ds.cluster.dist import NodeInfo, discover_node, discover_ranks, expected_rank_hosts
+from bert_ds.cluster.hostfile import HostEntry, HostfileError, expand_nodelist, expand_tasks_per_node, format_hostfile, from_slurm, parse_hostfile
+from bert_ds.cluster.preflight import find_problems, format_table, missing_ranks_message
 from tests.conftest import REPO
 
 # -- hostfiles ---------------------------------------------------------------------------------

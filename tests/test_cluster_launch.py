@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 
 from bert_ds.checkpoint import COMPLETE_MARKER, latest_complete_tag, tag_for_step
+from bert_ds.cluster.dist import free_port
 from tests.cluster.helpers import CLUSTER, REPO, Slurm, finish, kill_leftovers, kill_rank, kill_session, rank_processes, start, wait_for
-from tests.conftest import dist_env, free_port, tensorboard_scalars, write_run_config
+from tests.conftest import dist_env, tensorboard_scalars, write_run_config
 
 pytestmark = pytest.mark.slow
 

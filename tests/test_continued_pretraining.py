@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bert_ds import evaluate, export
+from bert_ds.hf import evaluate, export
 from bert_ds.train import main
 from tests.conftest import REPO, run_module, tensorboard_scalars, train_runs, write_run_config
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bert_ds.dist import DistributedSetupError, RankInfo, discover_ranks, has_fast_bf16, select_device, select_precision
+from bert_ds.cluster.dist import DistributedSetupError, RankInfo, discover_ranks, select_device
+from bert_ds.precision import has_fast_bf16, select_precision
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,12 @@ directory; the same numbers every time, for a checkpoint and its export, and as 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from bert_ds import evaluate
+from bert_ds.hf import evaluate
 from tests.conftest import last_json, run_module, tensorboard_scalars, write_run_config
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # subprocesses never ask the model hub (everything is local)
@@ -47,7 +48,7 @@ def test_evaluate_gives_identical_numbers_twice_and_the_numbers_the_trainer_logg
 
 @pytest.mark.slow
 def test_a_checkpoint_and_its_export_score_the_same(run_dir, pretraining_shards, tmp_path):
-    from bert_ds import export
+    from bert_ds.hf import export
 
     export.export(run_dir, tmp_path / "hf")
     checkpoint, exported = evaluate.run(run_dir), evaluate.run(tmp_path / "hf")  # the export carries the run's eval settings
@@ -85,6 +86,26 @@ def test_evaluate_refuses_shards_of_another_vocabulary_and_sources_that_are_no_m
 
 def test_defaults_are_the_run_config_defaults():
     from bert_ds.config import run_config_from_dict
+    from bert_ds.evaluation import eval_config
 
-    cfg = run_config_from_dict({"run_dir": "x", "data": {"train_prefix": "p", "valid_prefix": "p"}, "train": {"max_steps": 1}})
-    assert evaluate.default_settings() == evaluate.run_settings(cfg)
+    run = run_config_from_dict({"run_dir": "x", "data": {"train_prefix": "p", "valid_prefix": "p"}, "train": {"max_steps": 1}})
+    for settings in (None, run.to_dict()):  # an HF directory bert-ds did not write; a run that set nothing
+        cfg = eval_config(settings, "q", "tok", 512)
+        assert cfg.seed == run.seed and cfg.eval == run.eval and cfg.train.micro_batch_size == run.train.micro_batch_size
+        same_data = dataclasses.replace(run.data, train_prefix=["q"], valid_prefix="q", tokenizer="tok", num_workers=0)
+        assert cfg.data == same_data
+
+
+def test_old_exports_flat_eval_settings_map_to_the_same_evaluation_set():
+    """Exports written before bert_ds_export.json carried the run config recorded these flat keys."""
+    from bert_ds.config import run_config_from_dict
+    from bert_ds.evaluation import eval_config
+
+    run = run_config_from_dict({"run_dir": "x", "seed": 7, "data": {"train_prefix": "p", "valid_prefix": "p", "max_seq_length": 64,
+                                "whole_word_mask": True, "nsp_mode": "sop", "max_predictions_per_seq": 9, "short_seq_prob": 0.2},
+                                "train": {"max_steps": 1, "micro_batch_size": 4}, "eval": {"num_samples": 50, "mask_prob": 0.2}})  # fmt: skip
+    flat = {"seed": 7, "num_samples": 50, "mask_prob": 0.2, "micro_batch_size": 4, "max_seq_length": 64, "short_seq_prob": 0.2,
+            "whole_word_mask": True, "max_predictions_per_seq": 9, "nsp_mode": "sop"}
+    old, new = eval_config(flat, "q", "tok", 512), eval_config(run.to_dict(), "q", "tok", 512)
+    assert (old.seed, old.data, old.eval.num_samples, old.eval.mask_prob) == (new.seed, new.data, new.eval.num_samples, new.eval.mask_prob)
+    assert old.eval.resolve_micro_batch_size(old.train.micro_batch_size) == new.eval.resolve_micro_batch_size(new.train.micro_batch_size) == 4

@@ -63,7 +63,7 @@ def hf_logits(out_dir: Path, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def test_exported_model_reproduces_the_training_models_logits_for_every_zero_stage(name, runs, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
 
-    from bert_ds import evaluate, export
+    from bert_ds.hf import evaluate, export
 
     info = export.export(runs[name], tmp_path / "hf")
     ref = torch.load(runs["dir"] / "reference" / f"{name}.pt")
@@ -90,7 +90,7 @@ def test_exported_model_reproduces_the_training_models_logits_for_every_zero_sta
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BF16_RUNS))
 def test_bf16_runs_export_their_fp32_master_weights(name, runs):
-    from bert_ds.hf_checkpoint import open_checkpoint
+    from bert_ds.hf.sources import open_checkpoint
 
     source = open_checkpoint(runs[name])
     weights, where = source.fp32_weights()
@@ -104,7 +104,7 @@ def test_bf16_runs_export_their_fp32_master_weights(name, runs):
 
 
 def test_export_refuses_a_half_written_checkpoint_and_a_directory_that_is_no_checkpoint(pretraining_shards, tmp_path):
-    from bert_ds import export
+    from bert_ds.hf import export
 
     half = tmp_path / "run" / "checkpoints" / "step00000005"
     half.mkdir(parents=True)
@@ -126,7 +126,7 @@ def test_export_refuses_a_half_written_checkpoint_and_a_directory_that_is_no_che
 
 @pytest.mark.slow
 def test_export_refuses_a_checkpoint_that_lost_a_ranks_partition(runs, tmp_path):
-    from bert_ds import export
+    from bert_ds.hf import export
 
     damaged = tmp_path / "z2"
     shutil.copytree(runs["z2"], damaged)
@@ -141,7 +141,7 @@ def test_export_refuses_a_checkpoint_that_lost_a_ranks_partition(runs, tmp_path)
 def test_export_command_writes_a_directory_that_transformers_and_fill_mask_load_offline(runs, tmp_path):
     from transformers import pipeline
 
-    from bert_ds import export
+    from bert_ds.hf import export
 
     out = tmp_path / "hf"
     proc = run_module("bert_ds.export", runs["z3"], out, env=OFFLINE)
@@ -162,7 +162,7 @@ def test_export_command_writes_a_directory_that_transformers_and_fill_mask_load_
 def test_safetensors_writer_matches_the_reference_reader(tmp_path):
     from safetensors import safe_open
 
-    from bert_ds.export import write_safetensors
+    from bert_ds.hf.export import write_safetensors
 
     tensors = {
         "a": torch.randn(3, 5),
@@ -183,8 +183,8 @@ def test_safetensors_writer_matches_the_reference_reader(tmp_path):
 PEAK_RSS_SCRIPT = r"""
 import json, sys
 import deepspeed, torch, transformers  # the libraries' own memory is the baseline, not the export's
-from bert_ds import export
-from bert_ds.hf_checkpoint import open_checkpoint, skeleton
+from bert_ds.hf import export
+from bert_ds.hf.sources import open_checkpoint, skeleton
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bert_ds import finetune
+from bert_ds.hf import finetune
 from tests.conftest import last_json, run_module, write_run_config
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # subprocesses never ask the model hub (everything is local)
@@ -89,7 +89,7 @@ def test_pretrained_minilm_beats_the_same_architecture_from_random_init(tmp_path
 
 @pytest.mark.slow
 def test_finetune_takes_the_encoder_of_a_bert_ds_checkpoint(pretraining_shards, tmp_path):
-    from bert_ds.hf_checkpoint import open_source
+    from bert_ds.hf.sources import open_source
 
     config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run",
                               train={"max_steps": 3, "micro_batch_size": 8}, data={"valid_prefix": "", "num_workers": 0})  # fmt: skip

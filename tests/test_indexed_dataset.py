@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from bert_ds.indexed_dataset import (
+from bert_ds.data.indexed_dataset import (
     HEADER_SIZE,
     IndexedDataset,
     IndexedDatasetError,

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from bert_ds import jit_ops
+from bert_ds.cluster import jit_ops
 from tests.conftest import REPO, dist_env
 
 

@@ -1,4 +1,4 @@
-"""Statistics of bert_ds.masking over many synthetic sequences (tolerances are 4 binomial sigmas)."""
+"""Statistics of bert_ds.data.masking over many synthetic sequences (tolerances are 4 binomial sigmas)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from bert_ds.masking import IGNORE_INDEX, MaskingVocab, continuation_table, mask_tokens
+from bert_ds.data.masking import IGNORE_INDEX, MaskingVocab, continuation_table, mask_tokens
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 VOCAB_SIZE = 2000

@@ -16,18 +16,15 @@ import torch
 
 from bert_ds import optim
 from bert_ds.optim import (
-    FlatLayout,
     Lamb,
     OptimizerImpl,
-    Segment,
     build_optimizer,
     build_param_groups,
     build_scheduler,
     configure_lamb_for_zero,
-    contiguous_partition_segments,
     select_optimizer_impl,
-    sharded_params_segments,
 )
+from bert_ds.zero.layout import FlatLayout, Segment, contiguous_partition_segments, sharded_params_segments
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (10,), (4, 4)]
 NUM_STEPS = 5

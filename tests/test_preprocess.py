@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bert_ds.indexed_dataset import IndexedDataset
+from bert_ds.data.indexed_dataset import IndexedDataset
+from bert_ds.data.vocab import load_tokenizer
 from data_tools.text import document_sentences, normalize_document
-from data_tools.tokenizer import load_tokenizer
 from tests.conftest import last_json, run_module
 
 

@@ -1,4 +1,4 @@
-"""bert_ds.pretraining_data on synthetic shards whose every token is unique.
+"""bert_ds.data.pretraining and bert_ds.data.loader on synthetic shards whose every token is unique.
 
 Token id = ``base + global token offset``, so any token traces back to its sentence and
 document; statistical tolerances are 4 binomial sigmas.
@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from bert_ds.indexed_dataset import IndexedDatasetWriter
-from bert_ds.masking import IGNORE_INDEX
-from bert_ds.pretraining_data import (
+from bert_ds.data.indexed_dataset import IndexedDatasetWriter
+from bert_ds.data.loader import RankBatchSampler, build_dataloader
+from bert_ds.data.masking import IGNORE_INDEX
+from bert_ds.data.pretraining import (
     NEXT_IS_CONTINUATION,
     NEXT_IS_RANDOM,
     PretrainingDataset,
-    RankBatchSampler,
     blend_schedule,
-    build_dataloader,
     find_anchors,
     truncated_lengths,
 )

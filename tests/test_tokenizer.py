@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from bert_ds.data.vocab import TokenizerError, load_tokenizer, tokenizer_info
 from data_tools.text import document_sentences, normalize_document
-from data_tools.tokenizer import SentenceEncoder, TokenizerError, load_tokenizer, tokenizer_info
+from data_tools.tokenizer import SentenceEncoder
 from tests.conftest import last_json, run_module
 
 

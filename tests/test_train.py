@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bert_ds.indexed_dataset import IndexedDataset
-from tests.conftest import deepspeed_launch, run_module, tensorboard_scalars, train_runs, write_run_config
+from bert_ds.data.indexed_dataset import IndexedDataset
+from tests.conftest import REPO, deepspeed_launch, run_module, tensorboard_scalars, train_runs, write_run_config
 
 LISTED_TAGS = [
     "train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc", "train/nsp_acc", "train/lr", "train/grad_norm",
@@ -193,8 +193,9 @@ def test_every_zero_stage_and_precision_trains_on_two_ranks(stage, precision, of
 @pytest.mark.parametrize("stage, ranks", [(0, 1), (2, 2)], ids=["zero0-1rank", "zero2-2ranks"])
 def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(stage, ranks, request):
     runs = request.getfixturevalue("two_rank_runs" if ranks == 2 else "one_process_runs")
-    proc = train(runs / f"resume_z{stage}.yaml", ranks=ranks)  # a fresh launch; resume: auto finds the step-5 checkpoint
-    assert "resumed from" in proc.stderr and "at step 5" in proc.stderr
+    [result] = train_runs((runs / f"resume_z{stage}.yaml",), num_ranks=ranks).results  # a fresh launch; resume: auto finds the step-5 checkpoint
+    assert Path(result["resumed_from"]) == runs / f"resume_z{stage}" / "checkpoints" / "step00000005"
+    assert result["state"]["step"] == 12 and result["state"]["consumed_samples"] == 12 * 8 * ranks
     straight = tensorboard_scalars(runs / f"resume_z{stage}_straight" / "tensorboard")
     resumed = tensorboard_scalars(runs / f"resume_z{stage}" / "tensorboard")
     # bit-identical, not approximately: every number of every step that the weights, data, masks and dropout decide
@@ -237,8 +238,8 @@ def test_config_errors_stop_before_training_and_name_the_problem(pretraining_sha
 def test_phase_two_starts_from_phase_one_weights_with_its_own_sequence_length_and_schedule(one_process_runs, pretraining_shards):
     d = one_process_runs
     cont = write_run_config(d / "p2.yaml", pretraining_shards, d / "p2", checkpoint={"init_from": str(d / "p1")}, **PHASE_TWO)
-    proc = train(cont)
-    assert "initialised weights from" in proc.stderr and "step00000060" in proc.stderr
+    [result] = train_runs((cont,)).results
+    assert Path(result["initialised_from"]) == d / "p1" / "checkpoints" / "step00000060" and result["resumed_from"] is None
     p1, p2, new = losses(d / "p1"), losses(d / "p2"), losses(d / "fresh")
     assert sorted(p2) == [1, 2, 3]  # phase 2 counts its own steps
     assert p2[1] < new[1] - 1.0  # starts where phase 1 left off, not from scratch
@@ -252,3 +253,18 @@ def test_activation_checkpointing_changes_memory_not_the_math(one_process_runs):
     # dropout stays on: the recomputed forward replays the same RNG state
     assert sorted(plain) == sorted(recompute) == list(range(1, 7))
     assert np.allclose(list(plain.values()), list(recompute.values()), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_each_rank_does_its_start_up_work_once(pretraining_shards, tmp_path):
+    """One start-up per process (bert_ds.startup): before it, preflight and trainer each discovered ranks, chose the
+    device, resolved precision, hashed the vocabulary and built the JIT op (2-3 times per process)."""
+    config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run", train={"max_steps": 2, "log_interval": 1})
+    deepspeed_launch(str(REPO / "tests" / "dist_scripts" / "count_startup.py"), tmp_path / "counts", config, num_ranks=2)
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / "counts" / f"rank{rank}.json").read_text())
+        assert counts == {
+            "rank discovery": 1, "device selection": 1, "precision resolution": 1, "vocabulary hash": 1, "vocabulary resolution": 1,
+            "JIT op build": 1, "logging setup": 1, "process group start": 1,
+        }, (rank, counts)  # fmt: skip
+    assert (tmp_path / "run" / "checkpoints" / "step00000002").is_dir()  # and the run itself went through

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bert_ds.dist import discover_ranks
+from bert_ds.cluster.dist import discover_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = Path(__file__).resolve().parent
@@ -75,7 +75,7 @@ def rank_processes(marker: str) -> dict[int, int]:
     """{rank: pid} of the bert-ds rank processes whose command line contains ``marker`` (e.g. the config path).
 
     A rank is a python process running ``-m bert_ds.*`` or ``launch/train.py`` (not a DeepSpeed launcher);
-    its rank comes from the variables its launcher gave it, read by bert_ds.dist itself. DataLoader workers
+    its rank comes from the variables its launcher gave it, read by bert_ds.cluster.dist itself. DataLoader workers
     (children of a rank with the same command line) are skipped.
     """
     found: dict[int, tuple[int, int]] = {}

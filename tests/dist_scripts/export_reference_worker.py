@@ -7,7 +7,7 @@ Launched by tests/test_export.py on 2 CPU ranks (gloo); by hand, from the reposi
         --reference z0.yaml --reference z3.yaml --run bf16.yaml --out /tmp/export_reference
 
 ``--run CONFIG`` trains a run (``bert_ds.trainer.train``, exactly as ``python -m bert_ds.train``).
-``--reference CONFIG`` also rebuilds the engine afterwards, lets DeepSpeed load the newest checkpoint
+``--reference CONFIG`` also rebuilds the engine afterwards (``startup.start``, ``trainer.build_engine``), lets DeepSpeed load the newest checkpoint
 on the same ranks (``checkpoint.resume: auto``, the path a resumed run takes) and runs the first 8
 samples of the run's evaluation set through it in eval mode; rank 0 saves the batch, the MLM logits
 of the masked positions and the NSP logits to ``OUT/RUN_NAME.pt``. That is "the training model" an
@@ -22,23 +22,25 @@ from pathlib import Path
 
 import torch
 
-from bert_ds import dist, trainer
+from bert_ds import checkpoint, startup, trainer
+from bert_ds.cluster import dist
 from bert_ds.config import load_run_config
-from bert_ds.pretraining_data import collate
-from bert_ds.vocab import resolve_vocab
+from bert_ds.data.loader import collate
+from bert_ds.data.pretraining import eval_dataset
 
 
+@trainer.undoes_deepspeed_patches
 @torch.no_grad()
 def reference_logits(config_path: str, out_dir: Path) -> None:
     cfg = load_run_config(config_path)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
-    vocab = resolve_vocab(cfg)
-    ctx = dist.init(cfg.train.device)
-    setup = trainer._build(cfg, ctx, vocab)
-    state = trainer._restore(setup)  # DeepSpeed's load_checkpoint, on the ranks and ZeRO stage that wrote it
-    assert state.step == cfg.train.max_steps, (state.step, cfg.train.max_steps)
-    batch = collate([trainer.build_eval_dataset(cfg, vocab)[i] for i in range(8)])
-    engine = setup.engine
+    ctx = startup.start(cfg)
+    cfg = ctx.cfg
+    engine = trainer.build_engine(cfg, ctx)
+    # DeepSpeed's load_checkpoint, on the ranks and ZeRO stage that wrote it
+    restored = checkpoint.restore(engine, cfg.checkpoint, Path(cfg.run_dir) / "checkpoints", ctx.rank, ctx.world_size)
+    assert restored.state.step == cfg.train.max_steps, (restored.state.step, cfg.train.max_steps)
+    batch = collate([eval_dataset(cfg, ctx.vocab)[i] for i in range(8)])
     captured = {}
     hooks = [
         engine.module.cls.predictions.register_forward_hook(lambda m, i, o: captured.__setitem__("mlm_logits", o.detach().float().clone())),

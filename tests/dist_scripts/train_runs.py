@@ -7,6 +7,9 @@ by hand, from the repository root:
         --master_addr 127.0.0.1 --master_port 29513 tests/dist_scripts/train_runs.py \\
         --run a.yaml --run b.yaml train.max_steps=5
 
+``--results FILE`` writes what each ``trainer.train`` returned (its ``TrainResult``: final state, the checkpoint it
+resumed or started from, last metrics), so tests assert on returned state rather than on log lines.
+
 Why: a launch costs ~25 s on a 2-core machine (the launcher and every rank import torch, DeepSpeed and
 transformers, and tear them down again), a 30-step run of a test model ~3 s. Each run still gets its own
 ``bert_ds.trainer.train`` call: its own preflight, engine, data, checkpoints and TensorBoard directory.
@@ -17,11 +20,15 @@ through ``bert_ds.train``), so resuming always crosses a process boundary, as it
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+from pathlib import Path
 
 import torch
 
-from bert_ds import dist, trainer
+from bert_ds import trainer
+from bert_ds.cluster import dist
 from bert_ds.config import load_run_config
 
 log = logging.getLogger("bert_ds")
@@ -31,12 +38,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", nargs="+", required=True, metavar=("CONFIG", "KEY=VALUE"),
                         help="a run config and its overrides; repeat for more runs")
+    parser.add_argument("--results", type=Path, help="write every run's TrainResult here as JSON (rank 0; a list in --run order)")
     parser.add_argument("--local_rank", type=int, default=0, help="(appended by the deepspeed launcher; rank comes from the environment)")
     args = parser.parse_args()
     linear = torch.nn.functional.linear
+    results = []
     try:
         for config, *overrides in args.run:
-            trainer.train(load_run_config(config, overrides))
+            result = trainer.train(load_run_config(config, overrides))
+            results.append({**dataclasses.asdict(result), "run_dir": str(result.run_dir)})
+            if args.results and torch.distributed.get_rank() == 0:
+                args.results.write_text(json.dumps(results, indent=2))
             # a run must leave the process as it found it, or the runs after it are not the runs a user gets
             if torch.nn.functional.linear is not linear:
                 raise RuntimeError(f"{config} left torch.nn.functional.linear patched ({torch.nn.functional.linear!r})")

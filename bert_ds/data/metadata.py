@@ -1,10 +1,17 @@
-"""The JSON metadata file beside each shard (PREFIX.json)."""
+"""The JSON metadata file beside each shard (``PREFIX.json``): tokenizer identity, counts, sources, options.
+
+It is the last file of a shard's unit (``bert_ds.data.indexed_dataset.IndexedDatasetWriter``):
+it is removed before a new ``.bin``/``.idx`` pair is renamed into place and written after it, so a
+``.json`` never vouches for data it does not describe. Shards written by Megatron's own tools have none.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+from bert_ds.files import atomic_write
 
 
 class MetadataError(ValueError):
@@ -29,3 +36,13 @@ def read_metadata(prefix: str | os.PathLike, required: bool = False) -> dict:
     if not isinstance(meta, dict) or "tokenizer" not in meta:
         raise MetadataError(f"{path}: not a bert-ds shard metadata file (no 'tokenizer' entry)")
     return meta
+
+
+def metadata_text(meta: dict) -> str:
+    """The file's contents (sorted keys: the same metadata always gives the same bytes)."""
+    return json.dumps(meta, indent=2, sort_keys=True) + "\n"
+
+
+def write_metadata(path: str | os.PathLike, meta: dict) -> None:
+    """Write a metadata file on its own (atomically); a shard's writer commits it with the shard instead."""
+    atomic_write(path, metadata_text(meta))

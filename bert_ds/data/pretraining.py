@@ -40,15 +40,12 @@ Memory: 4 bytes per anchor + 4 bytes per sample for each of <= 2 cached epoch or
 and samples are ~``sentence_tokens / max_num_tokens`` per sentence (~1/5 at seq 128).
 The shards themselves are memory-mapped (page cache, shared by all processes).
 
-Ranks: rank ``r`` of ``world_size`` reads global positions ``consumed + r, consumed + r + w,
-...``, so ranks are disjoint and together cover the sequence; resuming from
-``consumed_samples = step * global_batch_size`` restarts each rank exactly where it was.
+Which rank reads which sample is the loader's business (``bert_ds.data.loader``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -56,10 +53,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
-from bert_ds.indexed_dataset import IndexedDataset
-from bert_ds.masking import MaskingVocab, mask_tokens
+from bert_ds.config import RunConfig
+from bert_ds.data.indexed_dataset import IndexedDataset
+from bert_ds.data.masking import MaskingVocab, continuation_table, mask_tokens
+from bert_ds.data.vocab import Vocab
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +300,7 @@ class PretrainingDataset(Dataset):
         if max_predictions_per_seq < 1:
             raise ValueError(f"max_predictions_per_seq={max_predictions_per_seq}: must be >= 1")
         if whole_word_mask and is_continuation is None:
-            raise ValueError("whole_word_mask=True needs is_continuation (bert_ds.masking.continuation_table(vocab))")
+            raise ValueError("whole_word_mask=True needs is_continuation (bert_ds.data.masking.continuation_table(vocab))")
         if weights is not None and len(weights) != len(prefix_list):
             raise ValueError(f"{len(weights)} blending weights for {len(prefix_list)} prefixes")
         self.max_seq_length = max_seq_length
@@ -460,116 +459,40 @@ class PretrainingDataset(Dataset):
         return (a_start, new_a), (b_start, new_b), label
 
 
-def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack samples into a batch; shapes stay fixed (no trimming of padding).
-
-    All fields are views of one int64 buffer: a worker hands a batch to the main process
-    as one shared-memory segment instead of five, which halves the transfer cost.
-    """
-    batch_size = len(samples)
-    shapes = {key: (batch_size, *value.shape) for key, value in samples[0].items()}
-    buffer = torch.empty(sum(math.prod(shape) for shape in shapes.values()), dtype=torch.int64)
-    batch, offset = {}, 0
-    for key, shape in shapes.items():
-        size = math.prod(shape)
-        view = buffer[offset : offset + size].view(shape)
-        torch.stack([s[key] for s in samples], out=view)
-        batch[key] = view
-        offset += size
-    return batch
-
-
-class RankBatchSampler(Sampler[list[int]]):
-    """Micro-batches of global sample indices for one rank: ``start + rank + world_size * t``.
-
-    Endless (the dataset rolls epochs over) unless ``max_samples`` is given.
-    """
-
-    def __init__(self, micro_batch_size: int, rank: int, world_size: int, consumed_samples: int, max_samples: int | None = None) -> None:
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} is outside world_size={world_size}")
-        if consumed_samples < 0 or consumed_samples % world_size:
-            raise ValueError(
-                f"consumed_samples={consumed_samples} must be a non-negative multiple of world_size={world_size} "
-                "(it counts samples over all ranks: steps * global batch size)"
-            )
-        if max_samples is not None and max_samples % (micro_batch_size * world_size):
-            raise ValueError(
-                f"max_samples={max_samples} must be a multiple of micro_batch_size * world_size = {micro_batch_size * world_size}"
-            )
-        self.micro_batch_size = micro_batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.consumed_samples = consumed_samples
-        self.max_samples = max_samples
-
-    def __len__(self) -> int:
-        if self.max_samples is None:
-            raise TypeError("an endless sampler has no length; pass max_samples for a finite one")
-        return self.max_samples // (self.micro_batch_size * self.world_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        stride = self.micro_batch_size * self.world_size
-        position = self.consumed_samples + self.rank
-        end = None if self.max_samples is None else self.consumed_samples + self.max_samples
-        while end is None or position < end:
-            yield list(range(position, position + stride, self.world_size))
-            position += stride
-
-
-def build_dataloader(
-    dataset: PretrainingDataset,
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    consumed_samples: int,
-    num_workers: int,
-    seed: int,
-    *,
-    persistent_workers: bool = False,
-    prefetch_factor: int | None = None,
-    pin_memory: bool = False,
-    max_samples: int | None = None,
-) -> DataLoader:
-    """A loader over this rank's samples, starting at global position ``consumed_samples``.
-
-    Args:
-        dataset: the samples; every rank passes an identically built dataset.
-        micro_batch_size: samples per batch on this rank.
-        rank: this data-parallel rank.
-        world_size: number of data-parallel ranks.
-        consumed_samples: samples consumed so far by all ranks together (steps * global batch).
-        num_workers: worker processes; the batches do not depend on it.
-        seed: base seed of the workers' own torch/numpy generators (the samples do not use
-            them: they are seeded from ``dataset.seed``), fixed so nothing else can vary.
-        persistent_workers: keep workers alive across ``iter()`` calls.
-        prefetch_factor: batches prefetched per worker (torch default when None).
-        pin_memory: pin batches for faster host-to-GPU copies.
-        max_samples: stop after this many samples over all ranks; None = endless.
-    """
-    sampler = RankBatchSampler(micro_batch_size, rank, world_size, consumed_samples, max_samples)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers and num_workers > 0,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),
+def _run_dataset(cfg: RunConfig, vocab: Vocab, prefixes: Sequence[str], mask_prob: float, weights=None, num_samples: int | None = None) -> PretrainingDataset:
+    data = cfg.data
+    return PretrainingDataset(
+        prefixes, vocab_size=vocab.size, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pad_id=vocab.pad_id, mask_id=vocab.mask_id,
+        unk_id=vocab.unk_id, max_seq_length=data.max_seq_length, max_predictions_per_seq=data.max_predictions(mask_prob),
+        seed=cfg.seed, weights=weights, is_continuation=continuation_table(vocab.tokens), short_seq_prob=data.short_seq_prob,
+        mask_prob=mask_prob, whole_word_mask=data.whole_word_mask, nsp_mode=data.nsp_mode, num_samples=num_samples,
     )
 
 
+def train_dataset(cfg: RunConfig, vocab: Vocab) -> PretrainingDataset:
+    """A run's training samples: its ``data`` section over ``data.train_prefix`` (blended by ``data.train_weights``)."""
+    return _run_dataset(cfg, vocab, cfg.data.train_prefix, cfg.data.mask_prob, weights=cfg.data.train_weights or None)
+
+
+def eval_dataset(cfg: RunConfig, vocab: Vocab) -> PretrainingDataset | None:
+    """A run's fixed evaluation set (None without ``data.valid_prefix``).
+
+    Epoch 0 of a dataset whose epoch is exactly ``eval.num_samples`` samples of ``data.valid_prefix``,
+    masked at ``eval.mask_prob``: the same pairs and masks at every evaluation, in training and for
+    ``bert_ds.evaluate`` on the checkpoint or its export.
+    """
+    if not cfg.data.valid_prefix:
+        return None
+    return _run_dataset(cfg, vocab, [cfg.data.valid_prefix], cfg.eval.mask_prob, num_samples=cfg.eval.num_samples)
+
+
 __all__ = [
+    "eval_dataset",
+    "train_dataset",
     "NEXT_IS_CONTINUATION",
     "NEXT_IS_RANDOM",
     "PretrainingDataset",
-    "RankBatchSampler",
     "blend_schedule",
-    "build_dataloader",
-    "collate",
     "find_anchors",
     "truncated_lengths",
 ]

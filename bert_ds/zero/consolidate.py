@@ -1,8 +1,4 @@
-"""Read a bert-ds checkpoint (any ZeRO stage, any number of ranks) or a Hugging Face BERT directory in one CPU process.
-
-Export, evaluation and the fine-tune check start here. :func:`open_source` tells the two kinds
-apart; :meth:`CheckpointSource.fp32_weights` turns DeepSpeed's files into full fp32 tensors,
-without torch.distributed, GPUs or the world size the run had.
+"""Full fp32 weights from a DeepSpeed checkpoint's files (any ZeRO stage, any number of ranks), in one CPU process.
 
 Where DeepSpeed (0.19; the layout its zero_to_fp32.py reads) keeps the weights, under ``TAG = RUN_DIR/checkpoints/stepNNNNNNNN``:
 
@@ -22,8 +18,10 @@ ZeRO 3              ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states  ``fp32_flat
                     .pt``                                            (the last one zero-padded)
 ==================  ===============================================  =============================================
 
-So the fp32 masters are used whenever the engine kept them (bf16/fp16 training): they are the
-weights the optimizer was updating, the half-precision module is only their rounded copy.
+Which slice of which parameter a rank's partition holds is :mod:`bert_ds.zero.layout`'s arithmetic,
+the same the live LAMB uses. The fp32 masters are used whenever the engine kept them (bf16/fp16
+training): they are the weights the optimizer was updating, the half-precision module is only their
+rounded copy.
 
 Memory: DeepSpeed's ``zero_to_fp32`` concatenates every rank's partition before slicing it
 (DeepSpeed issue #1062), which costs several times the model. Here one fp32 buffer of exactly
@@ -37,39 +35,26 @@ ZeRO-2 checkpoint of 2 ranks (``tests/test_export.py`` measures it; ``zero_to_fp
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import BertConfig
 
-from bert_ds import checkpoint
-from bert_ds.checkpoint import COMPLETE_MARKER, CheckpointError
-from bert_ds.config import ConfigError, RunConfig, load_run_config
-from bert_ds.model import BertForPreTrainingSparse, build_bert_config
-from bert_ds.optim import build_param_groups
-from data_tools.tokenizer import TokenizerError, load_tokenizer, vocab_sha256
+from bert_ds.checkpoint import CheckpointError
+from bert_ds.zero.layout import contiguous_partition_segments, sharded_params_segments
 
 log = logging.getLogger(__name__)
-
-EXPORT_INFO = "bert_ds_export.json"
-"""Written into an exported directory: where it came from and the run's evaluation settings."""
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(optim|model)_states\.pt")
 
 
-# --------------------------------------------------------------------------- what the model should hold
-
-
 @dataclass(frozen=True)
 class Skeleton:
-    """Names and shapes of a ``BertForPreTraining`` built from a config, without allocating it (meta device)."""
+    """Names and shapes of the model a checkpoint must hold (built on the meta device by ``bert_ds.hf.sources.skeleton``)."""
 
     params: dict[str, torch.Size]
     """Unique parameters in ``named_parameters()`` order: what ``save_pretrained`` writes."""
@@ -83,138 +68,6 @@ class Skeleton:
     def numel(self) -> int:
         return sum(math.prod(s) for s in self.params.values())
 
-
-def skeleton(bert_config: BertConfig) -> Skeleton:
-    with torch.device("meta"):
-        model = BertForPreTrainingSparse(bert_config)
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = {n: p.shape for n, p in model.named_parameters()}
-    state = model.state_dict(keep_vars=True)
-    buffers = {k: v.shape for k, v in state.items() if k not in params and id(v) not in names}
-    groups = [[names[id(p)] for p in g["params"]] for g in build_param_groups(model, 0.0)]
-    return Skeleton(params, buffers, groups)
-
-
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass
-class HFSource:
-    """A Hugging Face BERT directory (``config.json`` + weights + tokenizer files)."""
-
-    path: Path
-    bert_config: BertConfig
-    export_info: dict = field(default_factory=dict)
-    """``bert_ds_export.json`` when bert-ds wrote the directory, else empty."""
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path
-
-    def describe(self) -> str:
-        return f"Hugging Face directory {self.path}"
-
-
-@dataclass
-class CheckpointSource:
-    """One complete bert-ds checkpoint and the run it belongs to."""
-
-    tag_dir: Path
-    run_dir: Path
-    marker: dict
-    run_config: RunConfig
-    bert_config: BertConfig
-    tokenizer_dir: Path
-
-    @property
-    def step(self) -> int:
-        return int(self.marker["step"])
-
-    def describe(self) -> str:
-        return f"bert-ds checkpoint {self.tag_dir} (step {self.step})"
-
-    def fp32_weights(self) -> tuple[dict[str, torch.Tensor], str]:
-        """Every parameter and persistent buffer as a full fp32 tensor, and where they were read from."""
-        return read_fp32_weights(self.tag_dir, skeleton(self.bert_config), self.marker.get("world_size"))
-
-
-def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in HF_WEIGHT_FILES)
-
-
-def open_source(path: str | Path) -> HFSource | CheckpointSource:
-    """A Hugging Face directory, or a run dir / checkpoints dir / tag dir (its newest complete checkpoint)."""
-    p = Path(path)
-    if p.is_dir() and is_hf_dir(p):
-        return open_hf_dir(p)
-    try:
-        return open_checkpoint(p)
-    except CheckpointError as e:
-        if p.is_dir() and not (p / COMPLETE_MARKER).exists() and "no complete bert-ds checkpoint" in str(e):
-            raise CheckpointError(
-                f"{p} is neither a bert-ds checkpoint (a run dir, its checkpoints/ dir or a stepNNNNNNNN dir holding "
-                f"{COMPLETE_MARKER}) nor a Hugging Face model directory (config.json + model.safetensors)"
-            ) from None
-        raise
-
-
-def open_hf_dir(path: Path) -> HFSource:
-    try:
-        bert_config = BertConfig.from_pretrained(path)
-    except Exception as e:  # transformers raises OSError/ValueError/strict-dataclass errors
-        raise CheckpointError(f"{path}/config.json: not a BERT config ({e})") from None
-    if bert_config.model_type != "bert":
-        raise CheckpointError(f"{path}/config.json: model_type is {bert_config.model_type!r}, bert-ds handles BERT only")
-    info_path = path / EXPORT_INFO
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return HFSource(path, bert_config, info)
-
-
-def open_checkpoint(path: str | Path) -> CheckpointSource:
-    """The checkpoint at ``path`` with its run config, architecture and tokenizer, all checked."""
-    try:
-        checkpoint_dir, tag = checkpoint.resolve(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}{_incomplete_note(Path(path))}") from None
-    tag_dir = checkpoint_dir / tag
-    marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
-    run_dir = checkpoint_dir.parent
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        raise CheckpointError(
-            f"{config_path} not found: reading {tag_dir} needs the run's resolved config (the model architecture), "
-            "which the trainer writes next to checkpoints/; keep a copied checkpoint inside RUN_DIR/checkpoints/"
-        )
-    try:
-        run_config = load_run_config(config_path)
-    except ConfigError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
-    tokenizer_dir = Path(marker.get("tokenizer") or "")
-    try:
-        tok = load_tokenizer(tokenizer_dir)
-    except TokenizerError as e:
-        raise CheckpointError(f"the checkpoint's tokenizer is unreadable: {e} (recorded in {tag_dir / COMPLETE_MARKER})") from None
-    sha = vocab_sha256(tok)
-    if marker.get("vocab_sha256") and sha != marker["vocab_sha256"]:
-        raise CheckpointError(
-            f"the tokenizer at {tokenizer_dir} changed since {tag_dir} was trained (vocab sha256 {sha[:12]}, "
-            f"trained with {marker['vocab_sha256'][:12]}); restore that directory"
-        )
-    try:
-        bert_config = build_bert_config(run_config.model, tok.get_vocab_size(with_added_tokens=True))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot rebuild the model config of {run_dir}: {e}") from None
-    return CheckpointSource(tag_dir, run_dir, marker, run_config, bert_config, tokenizer_dir)
-
-
-def _incomplete_note(p: Path) -> str:
-    """Name the incomplete tags under a run dir, the usual reason it has no complete checkpoint."""
-    tags = sorted(t.name for d in (p, p / "checkpoints") if d.is_dir() for t in d.iterdir()
-                  if t.is_dir() and t.name.startswith(checkpoint.TAG_PREFIX) and not (t / COMPLETE_MARKER).exists())  # fmt: skip
-    return f"; found only incomplete ones ({', '.join(tags)}: the run stopped while saving them)" if tags else ""
-
-
-# --------------------------------------------------------------------------- consolidation
 
 
 def _load(path: Path) -> dict:
@@ -336,13 +189,11 @@ def _read_zero12(tag_dir: Path, states: dict, optim_files: list[Path], skel: Ske
     paddings = first.get("param_alignment_paddings") or [[0] * len(g) for g in param_shapes]
     del first
     _check_ranks(tag_dir, optim_files, world_size or world, "ZeRO optimizer partition")
-    layout = []  # per group: (name, offset in the group's flat buffer, numel); alignment padding sits between parameters
+    layout = []  # per group: names, offsets in the group's flat buffer, numels; alignment padding sits between parameters
     for group, pads in zip(param_shapes, paddings, strict=True):
-        offset, entries = 0, []
-        for (name, shape), pad in zip(group.items(), pads, strict=True):
-            entries.append((name, offset, math.prod(shape)))
-            offset += math.prod(shape) + pad
-        layout.append(entries)
+        numels = [math.prod(shape) for shape in group.values()]
+        offsets = [sum(numels[:k]) + sum(pads[:k]) for k in range(len(numels))]
+        layout.append((list(group), offsets, numels))
     _, views = _flat_buffer(shapes)
     filled = dict.fromkeys(shapes, 0)
     group_starts = [0] * len(param_shapes)  # where each rank's slice starts in each group's flat buffer
@@ -365,14 +216,12 @@ def _copy_zero12_rank(path: Path, layout, views: dict[str, torch.Tensor], filled
     if len(partitions) != len(layout):
         raise CheckpointError(f"{path}: {len(partitions)} fp32 partitions for {len(layout)} parameter groups")
     ends = []
-    for entries, part, lo in zip(layout, partitions, group_starts, strict=True):
-        hi = lo + part.numel()
-        for name, offset, numel in entries:
-            a, b = max(lo, offset), min(hi, offset + numel)
-            if a < b:
-                views[name][a - offset : b - offset].copy_(part[a - lo : b - lo])
-                filled[name] += b - a
-        ends.append(hi)
+    for (names, offsets, numels), part, lo in zip(layout, partitions, group_starts, strict=True):
+        for seg in contiguous_partition_segments(numels, offsets, lo, part.numel()):
+            name = names[seg.param_index]
+            views[name][seg.param_start : seg.param_start + seg.length].copy_(part[seg.start : seg.start + seg.length])
+            filled[name] += seg.length
+        ends.append(lo + part.numel())
     return ends
 
 
@@ -414,19 +263,16 @@ def _read_zero3(tag_dir: Path, model_files: list[Path], optim_files: list[Path],
 def _copy_zero3_rank(path: Path, rank: int, world: int, shapes: dict[str, torch.Size], views: dict[str, torch.Tensor]) -> None:
     """Copy rank ``rank``'s piece of every parameter into ``views`` (a function so the file mapping dies on return)."""
     flat_groups = _load(path)["optimizer_state_dict"]["fp32_flat_groups"]
-    offset = 0
-    for name, shape in shapes.items():
-        numel = math.prod(shape)
-        piece = math.ceil(numel / world)
-        begin, end = rank * piece, min(numel, (rank + 1) * piece)  # the last pieces hold padding
-        if begin < end:
-            pos = begin
-            for s in _slices(flat_groups, offset, end - begin):
-                views[name][pos : pos + s.numel()].copy_(s)
-                pos += s.numel()
-        offset += piece
-    if offset != sum(t.numel() for t in flat_groups):
-        raise CheckpointError(f"{path}: holds {sum(t.numel() for t in flat_groups)} values, the parameters need {offset} per rank")
+    names = list(shapes)
+    numels = [math.prod(shape) for shape in shapes.values()]
+    pieces = [math.ceil(numel / world) for numel in numels]  # the last ranks' pieces hold padding
+    if sum(pieces) != sum(t.numel() for t in flat_groups):
+        raise CheckpointError(f"{path}: holds {sum(t.numel() for t in flat_groups)} values, the parameters need {sum(pieces)} per rank")
+    for seg in sharded_params_segments(numels, pieces, rank):
+        pos = seg.param_start
+        for s in _slices(flat_groups, seg.start, seg.length):
+            views[names[seg.param_index]][pos : pos + s.numel()].copy_(s)
+            pos += s.numel()
 
 
 def _check_names(tag_dir: Path, shapes: dict[str, torch.Size], skel: Skeleton) -> None:
@@ -445,39 +291,3 @@ def _check_against_skeleton(tag_dir: Path, tensors: dict[str, torch.Tensor], ske
     missing_buffers = [n for n in skel.buffers if n not in tensors]
     if missing_buffers:
         raise CheckpointError(f"{tag_dir}: buffers {missing_buffers[:4]} are missing")
-
-
-# --------------------------------------------------------------------------- models
-
-
-def load_pretraining_model(source: HFSource | CheckpointSource, attn_implementation: str = "sdpa", seed: int = 0) -> BertForPreTrainingSparse:
-    """The MLM + NSP model of a source, in fp32 on CPU, in eval mode.
-
-    Heads missing from a Hugging Face directory (a bare ``BertModel`` such as MiniLM has neither)
-    are initialised from ``seed`` and reported, so two runs give the same numbers.
-    """
-    torch.manual_seed(seed)
-    if isinstance(source, HFSource):
-        model, info = BertForPreTrainingSparse.from_pretrained(
-            source.path, attn_implementation=attn_implementation, output_loading_info=True, dtype=torch.float32
-        )
-        missing = sorted(info["missing_keys"])
-        if missing:
-            log.warning("%s lacks %d tensors, initialised at random (seed %d): %s", source.path, len(missing), seed, ", ".join(missing))
-    else:
-        weights, where = source.fp32_weights()
-        model = BertForPreTrainingSparse._from_config(source.bert_config, attn_implementation=attn_implementation, dtype=torch.float32)
-        load_into(model, weights, str(source.tag_dir))
-        log.info("loaded %s: %s", source.describe(), where)
-    return model.eval()
-
-
-def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, prefix_filter: str = "") -> None:
-    """``load_state_dict`` that accepts only tied keys (and, with ``prefix_filter``, keys outside it) as missing."""
-    if prefix_filter:
-        weights = {k: v for k, v in weights.items() if k.startswith(prefix_filter)}
-    result = model.load_state_dict(weights, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    missing = [k for k in result.missing_keys if k not in tied and (not prefix_filter or k.startswith(prefix_filter))]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{where}: weights do not fit the model (missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})")

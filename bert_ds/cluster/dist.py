@@ -11,14 +11,13 @@ The master address is never guessed from a network interface (DeepSpeed's fallba
 ``hostname -I``, which picks whatever NIC comes first): it comes from MASTER_ADDR, or under
 SLURM from the first host of the job's node list; a single process uses 127.0.0.1.
 
-For the preflight (``bert_ds.preflight``) it also tells which node a rank runs on (``discover_node``)
+For the preflight (``bert_ds.cluster.preflight``) it also tells which node a rank runs on (``discover_node``)
 and on which host every rank is expected (``expected_rank_hosts``), to name a rank that never arrived.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from datetime import timedelta
 
 import torch
 
-from bert_ds.hostfile import HostfileError, expand_nodelist, expand_tasks_per_node, read_hostfile
+from bert_ds.cluster.hostfile import HostfileError, expand_nodelist, expand_tasks_per_node, read_hostfile
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +42,6 @@ class RankInfo:
     world_size: int
     local_rank: int
     source: str  # launcher | slurm | openmpi | mpich | single
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-    source: str
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 does the logging, writes the run directory files and TensorBoard events."""
-        return self.rank == 0
 
 
 _SOURCES = [
@@ -98,7 +82,7 @@ def slurm_master_addr(env: Mapping[str, str]) -> str | None:
 def set_rendezvous_address(info: RankInfo, env: MutableMapping[str, str]) -> tuple[str, int]:
     """Fill in MASTER_ADDR / MASTER_PORT (explicit, or the first SLURM node; never an interface guess).
 
-    ``init`` calls this; ``bert_ds.preflight`` calls it before ``init`` to rendezvous on the same address.
+    The start-up (``bert_ds.startup``) calls it once, before the preflight rendezvous, which the process group then reuses.
     """
     if info.source == "single":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -167,6 +151,7 @@ def expected_rank_hosts(env: Mapping[str, str]) -> list[str] | None:
 
 
 def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (for single-process runs and tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -186,64 +171,26 @@ def select_device(preference: str, local_rank: int, cuda_available: bool, cuda_d
     return "cpu", None, "gloo"
 
 
-def has_fast_bf16(device_type: str, index: int | None = None) -> bool:
-    """Whether bf16 matmuls run at speed: CUDA compute capability 8.0+ (Ampere), or a CPU that oneDNN has
-    bf16 kernels for (AVX-512 and newer; in hardware with AVX512-BF16/AMX). Elsewhere (AVX2-only CPUs)
-    torch falls back to scalar bf16 loops: measured 0.3-8 GFLOP/s against 50 for fp32 on the same core."""
-    if device_type == "cuda":
-        # not torch.cuda.is_bf16_supported(): it also answers True for emulated bf16 on V100
-        return torch.cuda.get_device_capability(index)[0] >= 8
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+def device_for(device_type: str, index: int | None) -> torch.device:
+    """The torch device of a ``select_device`` choice."""
+    return torch.device(device_type, index) if index is not None else torch.device(device_type)
 
 
-def select_precision(requested: str, device_type: str, fast_bf16: bool) -> tuple[str, str]:
-    """(precision, why) for ``train.precision``; ``auto`` picks by hardware. Pure, so it is testable without a GPU.
+def init_process_group(ranks: RankInfo, device: torch.device, backend: str, env: MutableMapping[str, str], timeout_minutes: float = 10.0) -> None:
+    """Pin the device and start DeepSpeed's process group on decided ranks and device (all ranks must call).
 
-    auto: bf16 where it runs at speed (no loss scaling needed); fp16 with dynamic loss scaling on
-    older GPUs (NVIDIA's BERT recipe on V100); fp32 on a CPU without bf16 kernels.
+    ``set_rendezvous_address`` must have filled in MASTER_ADDR/MASTER_PORT; the comm op is built
+    beforehand (``bert_ds.cluster.jit_ops``), outside any deadline.
     """
-    if requested != "auto":
-        return requested, "train.precision"
-    if fast_bf16:
-        return "bf16", f"train.precision auto: this {device_type} runs bf16 at speed"
-    if device_type == "cuda":
-        return "fp16", "train.precision auto: this GPU has no bf16 hardware (compute capability < 8.0): fp16 with dynamic loss scaling"
-    return "fp32", "train.precision auto: this CPU has no bf16 kernels (AVX-512/AMX): bf16 would run 20-200x slower than fp32"
-
-
-def resolve_precision(requested: str, device_type: str, index: int | None = None) -> tuple[str, str]:
-    """``select_precision`` for this machine's device; warns when bf16 is asked for where it is emulated."""
-    fast = has_fast_bf16(device_type, index)
-    precision, why = select_precision(requested, device_type, fast)
-    if precision == "bf16" and not fast:
-        log.warning("train.precision is bf16 but this %s has no bf16 kernels: torch emulates it, 20-200x slower than fp32 "
-                    "(train.precision=auto picks fp32 here)", device_type)
-    return precision, why
-
-
-def init(device_preference: str = "auto", timeout_minutes: float = 10.0) -> DistContext:
-    """Discover ranks, pin the device, and start DeepSpeed's process group (all ranks must call)."""
-    env = os.environ
-    info = discover_ranks(env)
-    set_rendezvous_address(info, env)
     # torch.distributed's env:// rendezvous reads these names whatever launched us
-    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
-    device_type, index, backend = select_device(device_preference, info.local_rank, torch.cuda.is_available(), torch.cuda.device_count())
-    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    if device_type == "cuda":
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(ranks.rank), str(ranks.world_size), str(ranks.local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     import deepspeed
 
-    from bert_ds import jit_ops
-
-    jit_ops.prebuild_comm_op()  # a no-op when the preflight built it; else it is built under our flock, not torch's lock file
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes))
-    log.info("rank %d/%d (local %d, from %s) on %s, backend %s, master %s:%s", info.rank, info.world_size, info.local_rank,
-             info.source, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])
-    return DistContext(info.rank, info.world_size, info.local_rank, device, backend, info.source)
+    log.info("rank %d/%d (local %d, from %s) on %s, backend %s, master %s:%s", ranks.rank, ranks.world_size, ranks.local_rank,
+             ranks.source, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])
 
 
 def shutdown() -> None:

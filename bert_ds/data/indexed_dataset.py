@@ -11,9 +11,10 @@ A dataset is a file pair sharing a prefix:
   indices (int64, ``num_documents + 1`` entries, starting at 0).
 
 The writer streams: tokens go straight to ``.bin`` and the per-sequence index arrays are
-spooled to temporary files, so its memory does not grow with the corpus. Both files are
-written under a ``.partial`` name and renamed only when complete, so a crashed run
-never leaves a file pair that looks valid.
+spooled to temporary files, so its memory does not grow with the corpus. ``.bin``, ``.idx``
+and the metadata ``.json`` (``bert_ds.data.metadata``) are one unit (``bert_ds.files.FileUnit``):
+written under ``.partial`` names and renamed only when complete, the ``.json`` last, so a
+crashed run never leaves files that look valid or a ``.json`` that describes other data.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
+
+from bert_ds.data.metadata import metadata_path, metadata_text
+from bert_ds.files import FileUnit
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -76,9 +80,9 @@ def idx_path(prefix: str | os.PathLike) -> Path:
 
 
 class IndexedDatasetWriter:
-    """Streams documents into ``PREFIX.bin`` / ``PREFIX.idx``.
+    """Streams documents into ``PREFIX.bin`` / ``PREFIX.idx`` (and ``PREFIX.json`` with :meth:`finalize`'s metadata).
 
-    Use as a context manager; the file pair appears only after a clean exit.
+    Use as a context manager, or call :meth:`finalize`; the files appear only then, together.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
@@ -88,8 +92,8 @@ class IndexedDatasetWriter:
         self.num_sequences = 0
         self.num_documents = 0
         self.num_tokens = 0
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._bin_partial = Path(f"{self.prefix}.bin.partial")
+        self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix), metadata_path(self.prefix)])
+        self._bin_partial = self._unit.temp(bin_path(self.prefix))
         self._lengths_spool = Path(f"{self.prefix}.lengths.partial")
         self._docs_spool = Path(f"{self.prefix}.docs.partial")
         self._bin = open(self._bin_partial, "wb")
@@ -103,7 +107,7 @@ class IndexedDatasetWriter:
         if exc_type is None:
             self.finalize()
         else:
-            self._abort()
+            self.abort()
 
     def add_documents(
         self,
@@ -139,10 +143,14 @@ class IndexedDatasetWriter:
         tokens = np.concatenate([np.asarray(s, dtype=self.dtype) for s in sequences]) if sequences else np.zeros(0, self.dtype)
         self.add_documents(tokens, lengths, np.array([len(sequences)]))
 
-    def finalize(self) -> None:
+    def finalize(self, metadata: dict | None = None) -> None:
+        """Write the index and commit the unit; ``metadata`` (its ``counts`` filled in here) becomes ``PREFIX.json``.
+
+        Without metadata, no ``PREFIX.json`` is left: a stale one would describe other data.
+        """
         for f in (self._bin, self._lengths, self._docs):
             f.close()
-        idx_partial = Path(f"{self.prefix}.idx.partial")
+        idx_partial = self._unit.temp(idx_path(self.prefix))
         with open(idx_partial, "wb") as out:
             out.write(INDEX_HEADER)
             out.write(struct.pack("<Q", INDEX_VERSION))
@@ -164,16 +172,24 @@ class IndexedDatasetWriter:
             del lengths
             out.write(np.zeros(1, dtype=np.int64).tobytes())  # document indices start at 0
             _copy_file(self._docs_spool, out)
-        os.replace(self._bin_partial, bin_path(self.prefix))
-        os.replace(idx_partial, idx_path(self.prefix))
         self._lengths_spool.unlink()
         self._docs_spool.unlink()
+        json_path = metadata_path(self.prefix)
+        if metadata is None:
+            json_path.unlink(missing_ok=True)
+            self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix)])  # the same temporary names
+        else:
+            counts = {"documents": self.num_documents, "sentences": self.num_sequences, "tokens": self.num_tokens}
+            self._unit.temp(json_path).write_text(metadata_text({**metadata, "counts": counts}), encoding="utf-8")
+        self._unit.commit()
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Remove everything written so far; the previous files under the prefix stay as they were."""
         for f in (self._bin, self._lengths, self._docs):
             f.close()
-        for p in (self._bin_partial, self._lengths_spool, self._docs_spool, Path(f"{self.prefix}.idx.partial")):
+        for p in (self._lengths_spool, self._docs_spool):
             p.unlink(missing_ok=True)
+        self._unit.abort()
 
 
 def _copy_file(src: Path, out) -> None:
@@ -296,8 +312,11 @@ class IndexedDataset:
                     )
 
 
-def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike) -> IndexedDataset:
-    """Concatenate datasets in order; the result equals one dataset built from all their documents."""
+def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike, metadata: dict | None = None) -> IndexedDataset:
+    """Concatenate datasets in order; the result equals one dataset built from all their documents.
+
+    ``metadata`` (counts filled in) is committed with the merged pair as ``OUTPUT_PREFIX.json``.
+    """
     if not prefixes:
         raise ValueError("nothing to merge")
     datasets = [IndexedDataset(p) for p in prefixes]
@@ -305,7 +324,8 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     if len(dtypes) != 1:
         names = ", ".join(f"{ds.prefix}: {ds.dtype}" for ds in datasets)
         raise IndexedDatasetError(f"cannot merge shards with different token dtypes ({names})")
-    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
+    writer = IndexedDatasetWriter(output_prefix, datasets[0].dtype)
+    try:
         for ds in datasets:
             for start in range(0, ds.num_documents, _MERGE_DOCS):
                 stop = min(start + _MERGE_DOCS, ds.num_documents)
@@ -317,4 +337,8 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
                     ds.sequence_lengths[first_seq:last_seq],
                     np.diff(ds.document_indices[start : stop + 1]),
                 )
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finalize(metadata)
     return IndexedDataset(output_prefix)
