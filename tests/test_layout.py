@@ -8,6 +8,7 @@ circle hidden in a function-level import is found too.
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,39 @@ def test_the_checker_finds_a_circle(tmp_path, files, expected):
         (tmp_path / name).write_text(text)
         mods[name.removesuffix(".py")] = tmp_path / name
     assert cycles(import_graph(mods)) == expected
+
+
+COMMANDS = ["bert_ds", "bert_ds.train", "bert_ds.export", "bert_ds.evaluate", "bert_ds.finetune", "bert_ds.preflight", "bert_ds.jit_ops",
+            "bert_ds.hostfile", "data_tools.train_tokenizer", "data_tools.preprocess", "data_tools.merge", "data_tools.inspect",
+            "data_tools.sample_corpus"]  # fmt: skip
+
+
+def test_every_documented_command_line_name_still_answers():
+    """``python -m NAME --help`` for every command the README names, moved modules included (one process, runpy)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import io, json, runpy, sys, contextlib\n"
+        "out = {}\n"
+        "for name in sys.argv[1:]:\n"
+        "    sys.argv = [name, '--help']\n"
+        "    buf = io.StringIO()\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(buf):\n"
+        "            runpy.run_module(name, run_name='__main__', alter_sys=True)\n"
+        "        code = 0\n"
+        "    except SystemExit as e:\n"
+        "        code, text = e.code, buf.getvalue()\n"
+        "        out[name] = [code if isinstance(code, int) or code is None else 0, (text + (code if isinstance(code, str) else ''))[:400]]\n"
+        "        continue\n"
+        "    out[name] = ['returned without --help handling', buf.getvalue()[:400]]\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, *COMMANDS], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in COMMANDS:
+        code, text = answers[name]
+        assert code in (0, None), (name, code, text)
+        assert "usage" in text.lower() or "python -m" in text, (name, text)

@@ -15,6 +15,7 @@ first, so the first training job does not spend its start-up deadline compiling)
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import logging
 import os
@@ -106,7 +107,8 @@ def prebuild_comm_op() -> bool:
     return True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m bert_ds.jit_ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.monotonic()
     built = prebuild_comm_op()
