@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from bert_ds.config import CheckpointConfig
+from bert_ds.config import RunConfig
 from bert_ds.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -170,26 +170,30 @@ class Restored:
     """The tag directory a resumed run continues (``checkpoint.resume``), else None."""
     initialised_from: str | None = None
     """The tag directory whose weights a new run starts from (``checkpoint.init_from``), else None."""
+    optimizer_state_loaded: bool = False
+    """The optimizer's state was loaded, and with it the saved parameter groups' settings: the caller re-applies
+    its own (``bert_ds.optim.apply_optimizer_config``)."""
 
 
-def restore(engine, cfg: CheckpointConfig, checkpoint_dir: Path, rank: int, world_size: int) -> Restored:
+def restore(engine, cfg: RunConfig, rank: int, world_size: int) -> Restored:
     """Resume (``checkpoint.resume``), else take a phase-1 checkpoint's weights (``checkpoint.init_from``), else start fresh.
 
     All ranks call it.
     """
-    if cfg.resume != "none":
-        if cfg.resume == "auto":
+    ckpt, checkpoint_dir = cfg.checkpoint, Path(cfg.run_dir) / "checkpoints"
+    if ckpt.resume != "none":
+        if ckpt.resume == "auto":
             tag = latest_complete_tag(checkpoint_dir)
             location = (checkpoint_dir, tag) if tag else None
         else:
-            location = resolve(cfg.resume)
+            location = resolve(ckpt.resume)
         if location:
             state = load(engine, location[0], location[1], rank, world_size)
             log.info("resumed from %s/%s at step %d (%d samples consumed)", location[0], location[1], state.step, state.consumed_samples)
-            return Restored(state, resumed_from=str(location[0] / location[1]))
-    if cfg.init_from:
-        source_dir, tag = resolve(cfg.init_from)
-        load_weights(engine, source_dir, tag, cfg.load_optimizer_state)
-        log.info("initialised weights%s from %s/%s", " and optimizer state" if cfg.load_optimizer_state else "", source_dir, tag)
-        return Restored(TrainState(), initialised_from=str(source_dir / tag))
+            return Restored(state, resumed_from=str(location[0] / location[1]), optimizer_state_loaded=True)
+    if ckpt.init_from:
+        source_dir, tag = resolve(ckpt.init_from)
+        load_weights(engine, source_dir, tag, ckpt.load_optimizer_state)
+        log.info("initialised weights%s from %s/%s", " and optimizer state" if ckpt.load_optimizer_state else "", source_dir, tag)
+        return Restored(TrainState(), initialised_from=str(source_dir / tag), optimizer_state_loaded=ckpt.load_optimizer_state)
     return Restored(TrainState())

@@ -337,8 +337,9 @@ class DataConfig:
     """Tokens per training sequence, including [CLS] and the two [SEP]s."""
 
     short_seq_prob: float = 0.1
-    """Probability of building a shorter sequence (uniform length in [2, max_seq_length]) so
-    the model also sees short inputs, as Google's ``create_pretraining_data.py``."""
+    """Probability of building a shorter sequence (target length uniform in [2, max_seq_length - 3], the
+    tokens left for A and B beside [CLS] and two [SEP]) so the model also sees short inputs, as Google's
+    ``create_pretraining_data.py``."""
 
     mask_prob: float = 0.15
     """Fraction of tokens selected for the masked-LM loss (80% [MASK], 10% random, 10% kept)."""
@@ -486,7 +487,8 @@ class OptimizerConfig:
     _section: ClassVar[str] = "optimizer"
 
     name: str = "lamb"
-    """``lamb`` (layer-wise trust ratio, correct under ZeRO partitioning) or ``adamw``."""
+    """``lamb`` (NVIDIA's BERT recipe, per-parameter trust ratios also under ZeRO partitioning; the same update on
+    every device) or ``adamw``."""
 
     lr: float = 1e-3
     """Peak learning rate (reached at the end of warm-up)."""
@@ -503,8 +505,9 @@ class OptimizerConfig:
     bias_correction: bool = True
     """LAMB only: apply Adam's bias correction to the moments (AdamW always does)."""
 
-    max_trust_ratio: float = 10.0
-    """LAMB only: upper bound of the per-parameter trust ratio ||w|| / ||update||."""
+    max_trust_ratio: float = 0.0
+    """LAMB only: upper bound of the per-parameter trust ratio ||w|| / ||update||; 0 = no bound (NVIDIA's
+    BERT recipe, apex FusedLAMB). DeepSpeed's FusedLamb bounds it at 10."""
 
     def __post_init__(self) -> None:
         _normalize_fields(self)
@@ -515,11 +518,11 @@ class OptimizerConfig:
         for i, beta in enumerate(self.betas):
             _require(0.0 <= beta < 1.0, f"optimizer.betas[{i}] must be in [0, 1), got {beta}")
         _require(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
-        _require(self.max_trust_ratio > 0, f"optimizer.max_trust_ratio must be > 0, got {self.max_trust_ratio}")
+        _require(self.max_trust_ratio >= 0, f"optimizer.max_trust_ratio must be >= 0 (0 = no bound), got {self.max_trust_ratio}")
         if self.name != "lamb":
             if not self.bias_correction:
                 _warn_inactive("optimizer.bias_correction", False, "only LAMB can switch off bias correction")
-            if self.max_trust_ratio != 10.0:
+            if self.max_trust_ratio != 0.0:
                 _warn_inactive("optimizer.max_trust_ratio", self.max_trust_ratio, "it only applies to LAMB")
 
 
@@ -649,7 +652,10 @@ class LoggingConfig:
     """Print a progress line every this many steps. 0: ``train.log_interval``."""
 
     peak_tflops_per_device: float = 0.0
-    """Peak TFLOP/s of one device, the denominator of MFU. 0: measure a matmul at start-up."""
+    """Peak TFLOP/s of one device, the denominator of MFU. 0: the datasheet dense peak of a known accelerator in
+    the run's precision (``bert_ds.metrics.DATASHEET_PEAKS``: V100, A100, H100, H200, B200, ...; TF32 when fp32
+    matmuls may use it; a MIG slice's share), else (CPUs, unknown GPUs) a matmul measured at start-up. The log
+    and TensorBoard (``train/mfu_peak``) say which."""
 
     def __post_init__(self) -> None:
         _normalize_fields(self)

@@ -17,8 +17,8 @@ ZeRO 1, 2 and 3 (tests/test_lamb_zero.py measures ~4e-7 of the distance training
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from collections.abc import Iterable
 from enum import Enum
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from bert_ds.config import OptimizerConfig
 from bert_ds.zero.layout import FlatLayout
 from bert_ds.zero.partitions import partition_layouts
 
@@ -74,7 +75,7 @@ def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, max_trust_ratio: fl
 
 
 class Lamb(torch.optim.Optimizer):
-    """LAMB as in NVIDIA's BERT pretraining (apex ``FusedLAMB``), in plain PyTorch, fp32 math.
+    """LAMB as NVIDIA's BERT pretraining uses it (apex ``FusedLAMB`` with its defaults), in plain PyTorch, fp32 math.
 
     For each parameter ``w`` with gradient ``g`` at step ``t``::
 
@@ -82,20 +83,22 @@ class Lamb(torch.optim.Optimizer):
         v = beta2 * v + (1 - beta2) * g * g
         m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)   # only if bias_correction
         update = m_hat / (sqrt(v_hat) + eps) + weight_decay * w  # eps outside sqrt, decoupled decay
-        ratio = ||w|| / ||update||  (1.0 if either norm is 0), clamped to max_trust_ratio
+        ratio = ||w|| / ||update||  (1.0 if either norm is 0); clamped only if max_trust_ratio is set
         w = w - lr * ratio * update
 
-    This is the LAMB paper's Algorithm 2 (You et al. 2019) with apex's choices where the paper leaves
-    room: Adam bias correction applied to the moments (the paper's v1 draft omits it), eps outside the
-    square root, decay added to the update (AdamW style, not L2 in the gradient), identity scaling
-    function phi. As apex (``use_nvlamb=False``), groups with ``weight_decay == 0`` (biases, LayerNorm)
-    take the plain Adam step (ratio 1): that is what NVIDIA's BERT recipes trained with. Set
-    ``use_nvlamb=True`` to adapt every parameter (NVLAMB, and DeepSpeed's FusedLamb).
+    The recipe is NVIDIA DeepLearningExamples' BERT (``FusedLAMB(groups, lr=...)``): bias correction on,
+    betas (0.9, 0.999), eps 1e-6, weight decay 0.01 on weights and 0 on biases and LayerNorm, no trust-ratio
+    clamp, and groups with ``weight_decay == 0`` take the plain Adam step (ratio 1; apex ``use_nvlamb=False``).
+    ``use_nvlamb=True`` adapts every parameter (NVLAMB). It is the LAMB paper's Algorithm 2 (You et al. 2019)
+    with apex's choices where the paper leaves room.
 
-    Two deliberate differences from apex, both because DeepSpeed already does the job globally:
-    no built-in global gradient clipping (set DeepSpeed's ``gradient_clipping``, which clips over all
-    partitions) and no master weights (DeepSpeed passes fp32 master parameters). ``max_trust_ratio``
-    (apex: none; DeepSpeed FusedLamb: 10) guards against tiny updates of large weights early on.
+    Where it differs from apex, and why:
+
+    * apex pre-normalises the gradients by the global norm (``g / max(||g||, max_grad_norm=1)``) inside the
+      optimizer. Here DeepSpeed does it before the step, over all partitions (``gradient_clipping``, set by
+      ``train.grad_clip``, 1.0 by default): ``g * min(1, 1 / (||g|| + 1e-6))``, the same scaling to 1e-6 relative.
+    * no master weights: DeepSpeed hands the optimizer its fp32 master partitions.
+    * ``max_trust_ratio`` (default None, as apex) can clamp the ratio: DeepSpeed's FusedLamb clamps at 10.
 
     Under ZeRO the parameters seen here are flat partitions; see :func:`configure_lamb_for_zero`.
     """
@@ -108,7 +111,7 @@ class Lamb(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.01,
         bias_correction: bool = True,
-        max_trust_ratio: float | None = 10.0,
+        max_trust_ratio: float | None = None,
         use_nvlamb: bool = False,
     ) -> None:
         if lr < 0.0:
@@ -295,7 +298,6 @@ class OptimizerImpl(str, Enum):
     """The optimizer implementations bert-ds can use."""
 
     LAMB = "bert_ds.optim.Lamb"
-    FUSED_LAMB = "deepspeed.ops.lamb.FusedLamb"
     ADAMW = "torch.optim.AdamW"
     FUSED_ADAM = "deepspeed.ops.adam.FusedAdam"
 
@@ -303,77 +305,88 @@ class OptimizerImpl(str, Enum):
 OPTIMIZER_NAMES = ("lamb", "adamw")
 
 
-def select_optimizer_impl(name: str, device_type: str, zero_stage: int = 0) -> OptimizerImpl:
-    """Pick the implementation for optimizer ``name`` on ``device_type`` at ZeRO stage ``zero_stage``.
+def select_optimizer_impl(name: str, device_type: str) -> OptimizerImpl:
+    """The implementation of optimizer ``name`` on ``device_type``.
 
-    On CUDA the fused DeepSpeed kernels are used, except FusedLamb under ZeRO: it computes one trust
-    ratio per flat partition (the defect this module exists to fix), so our Lamb is used there.
-    Elsewhere: our Lamb, or ``torch.optim.AdamW``.
-
-    FusedLamb is not the same LAMB as ours: it folds bias correction into the step size
-    (``lr * sqrt(1 - beta2**t) / (1 - beta1**t)``, so eps and weight decay act on the uncorrected
-    moments), adapts every parameter (NVLAMB) and clamps the ratio to [0.01, 10]. Steps match ours
-    only once bias correction has died out; prefer our Lamb when runs must agree across devices.
+    LAMB is :class:`Lamb` on every device and ZeRO stage, so a run's update does not depend on where it
+    runs. DeepSpeed's FusedLamb is not the same LAMB (it folds bias correction into the step size, adapts
+    biases and LayerNorm, clamps the ratio to [0.01, 10]) and no GPU here can prove a fused kernel equal;
+    one can come back behind a test that runs on a GPU. AdamW is elementwise, so DeepSpeed's FusedAdam
+    (adam_w_mode) computes the same update as ``torch.optim.AdamW`` and is used on CUDA.
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZER_NAMES}")
-    on_cuda = device_type == "cuda"
-    if name == "adamw":
-        # elementwise, so partitioning cannot change its result
-        return OptimizerImpl.FUSED_ADAM if on_cuda else OptimizerImpl.ADAMW
-    return OptimizerImpl.FUSED_LAMB if on_cuda and zero_stage == 0 else OptimizerImpl.LAMB
+    if name == "lamb":
+        return OptimizerImpl.LAMB
+    return OptimizerImpl.FUSED_ADAM if device_type == "cuda" else OptimizerImpl.ADAMW
 
 
-def build_optimizer(
-    param_groups: list[dict[str, Any]],
-    name: str,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    device_type: str,
-    zero_stage: int = 0,
-    max_trust_ratio: float | None = 10.0,
-    use_nvlamb: bool = False,
-) -> torch.optim.Optimizer:
-    """Build the optimizer chosen by :func:`select_optimizer_impl`.
+# Every OptimizerConfig field but ``name``, and the param-group key it sets (None: no effect for that optimizer,
+# and config.py warns when it is changed). A field missing here is an error, never silently dropped.
+_GROUP_KEYS: dict[str, dict[str, str | None]] = {
+    "lamb": {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "eps", "bias_correction": "bias_correction",
+             "max_trust_ratio": "max_trust_ratio"},
+    "adamw": {"lr": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "eps", "bias_correction": None, "max_trust_ratio": None},
+}  # fmt: skip
 
-    ``weight_decay`` is the default for groups that do not set their own (those from
-    :func:`build_param_groups` do). ``max_trust_ratio`` and ``use_nvlamb`` apply to LAMB only.
-    Under ZeRO, call :func:`configure_lamb_for_zero` after ``deepspeed.initialize``.
+
+def group_settings(cfg: OptimizerConfig) -> dict[str, Any]:
+    """The param-group settings of ``cfg``: every field of the optimizer section, mapped to its optimizer's keys."""
+    keys = _GROUP_KEYS[cfg.name]
+    settings = {}
+    for f in dataclasses.fields(cfg):
+        if f.name == "name":
+            continue
+        if f.name not in keys:
+            raise KeyError(f"optimizer.{f.name} is not mapped to a {cfg.name} setting in bert_ds.optim._GROUP_KEYS")
+        if keys[f.name] is not None:
+            settings[keys[f.name]] = getattr(cfg, f.name)
+    settings["betas"] = tuple(settings["betas"])
+    if "max_trust_ratio" in settings:
+        settings["max_trust_ratio"] = settings["max_trust_ratio"] or None  # 0: no clamp
+    return settings
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
+    """The run's optimizer over ``model``'s parameter groups, every setting from the ``optimizer`` section.
+
+    Under ZeRO, call :func:`configure_lamb_for_zero` after ``deepspeed.initialize``; after loading any
+    optimizer state, :func:`apply_optimizer_config`.
     """
-    impl = select_optimizer_impl(name, device_type, zero_stage)
-    logger.info("optimizer %s: using %s", name, impl.value)
+    impl = select_optimizer_impl(cfg.name, device_type)
+    logger.info("optimizer %s: using %s", cfg.name, impl.value)
+    groups = build_param_groups(model, cfg.weight_decay)
+    settings = group_settings(cfg)
     if impl is OptimizerImpl.LAMB:
-        return Lamb(
-            param_groups,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            max_trust_ratio=max_trust_ratio,
-            use_nvlamb=use_nvlamb,
-        )
-    if impl is OptimizerImpl.ADAMW:
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if impl is OptimizerImpl.FUSED_ADAM:
+        optimizer = Lamb(groups, **settings)
+    elif impl is OptimizerImpl.ADAMW:
+        optimizer = torch.optim.AdamW(groups, **settings)
+    else:
         from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
-    from deepspeed.ops.lamb import FusedLamb
+        optimizer = FusedAdam(groups, **settings, adam_w_mode=True)
+    # the groups' roles (build_param_groups: decayed, then not): load_state_dict replaces their own weight_decay values
+    optimizer.bert_ds_decayed_groups = [True, False]
+    return optimizer
 
-    if not use_nvlamb:
-        logger.warning("FusedLamb adapts every parameter (NVLAMB); use_nvlamb=False is not honoured on CUDA")
-    # min_coeff=0: ours has no lower clamp; FusedLamb's default (0.01) would be one more difference
-    return FusedLamb(
-        param_groups,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        max_coeff=math.inf if max_trust_ratio is None else max_trust_ratio,
-        min_coeff=0.0,
-    )
+
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Make the optimizer's settings this run's again after an optimizer-state load.
+
+    ``load_state_dict`` (DeepSpeed's ZeRO load, and its universal-checkpoint loader) brings back the saved
+    parameter groups with every setting they had: a phase-2 run with ``checkpoint.load_optimizer_state``
+    would step with phase 1's betas, eps, weight decay and LAMB options, and phase 1's last learning rate
+    until the scheduler next sets it. Only the moments and step counts should come from the checkpoint:
+    this re-applies the ``optimizer`` section and the schedule's current learning rate (all ranks call it).
+    """
+    settings = group_settings(cfg)
+    decayed = getattr(optimizer, "bert_ds_decayed_groups", [True] + [False] * (len(optimizer.param_groups) - 1))
+    lrs = scheduler.get_last_lr()
+    for i, group in enumerate(optimizer.param_groups):
+        group.update(settings)
+        group["weight_decay"] = cfg.weight_decay if decayed[i] else 0.0
+        group["lr"] = lrs[i]
+        group["initial_lr"] = scheduler.base_lrs[i]  # LambdaLR's record of the base lr; a scheduler rebuilt later reads it
 
 
 # ---------------------------------------------------------------------------------------------------

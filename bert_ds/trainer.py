@@ -8,6 +8,7 @@ comes from :func:`bert_ds.startup.start`; checkpoint files and resume rules from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -25,7 +26,7 @@ from bert_ds.data.pretraining import eval_dataset
 from bert_ds.ds_config import build_ds_config, save_ds_config
 from bert_ds.evaluation import evaluate
 from bert_ds.model import build_model
-from bert_ds.optim import build_optimizer, build_param_groups, build_scheduler, configure_lamb_for_zero
+from bert_ds.optim import apply_optimizer_config, build_optimizer, build_scheduler, configure_lamb_for_zero
 
 log = logging.getLogger("bert_ds")
 # running sums kept on the device between log steps, reduced over ranks in one all-reduce
@@ -75,7 +76,9 @@ def train(cfg: RunConfig) -> TrainResult:
     cfg = ctx.cfg  # train.precision resolved for this device
     run_dir = Path(cfg.run_dir)
     engine = build_engine(cfg, ctx)
-    start = checkpoint.restore(engine, cfg.checkpoint, run_dir / "checkpoints", ctx.rank, ctx.world_size)
+    start = checkpoint.restore(engine, cfg, ctx.rank, ctx.world_size)
+    if start.optimizer_state_loaded:  # only moments and step counts come from a checkpoint; settings are this run's
+        apply_optimizer_config(engine.basic_optimizer, cfg.optimizer, engine.lr_scheduler)
     state = start.state
     result = TrainResult(state, run_dir, start.resumed_from, start.initialised_from)
 
@@ -83,20 +86,19 @@ def train(cfg: RunConfig) -> TrainResult:
     batches = iter(loader)
     eval_set = eval_dataset(cfg, ctx.vocab)
     global_batch = cfg.train.global_batch(ctx.world_size)
-    throughput = metrics.Throughput.for_model(cfg.logging, engine.module.config, cfg.data.max_seq_length, ctx.world_size, ctx.device, ctx.dtype)
-    _log_plan(cfg, ctx, throughput)
+    throughput = metrics.Throughput.for_model(cfg.logging, engine.module.config, cfg.data.max_seq_length, ctx.world_size, ctx.device, ctx.precision)
     sink = metrics.build_sink(ctx.is_main and cfg.logging.tensorboard, run_dir / "tensorboard")
+    _log_plan(cfg, ctx, throughput, sink, state.step)
     console_every = cfg.logging.resolve_console_interval(cfg.train.log_interval)
 
     sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=ctx.device)
-    steps_since_log, samples_since_log, t_start, start_step = 0, 0, time.perf_counter(), state.step
+    samples_since_log, t_start, start_step = 0, time.perf_counter(), state.step
     throughput.reset()
     while state.step < cfg.train.max_steps:
         batches = train_step(engine, batches, loader, cfg.train.grad_accum_steps, sums, ctx.device)
         state.step += 1
         state.consumed_samples += global_batch
         state.skipped_steps = int(getattr(engine, "skipped_steps", 0))
-        steps_since_log += 1
         samples_since_log += global_batch
         last = state.step == cfg.train.max_steps
 
@@ -110,19 +112,18 @@ def train(cfg: RunConfig) -> TrainResult:
             if state.step % console_every == 0 or last:
                 _console(state, cfg, result.train_metrics, time.perf_counter() - t_start, state.step - start_step)
             sums.zero_()
-            steps_since_log = samples_since_log = 0
+            samples_since_log = 0
 
-        if cfg.checkpoint.interval_steps and state.step % cfg.checkpoint.interval_steps == 0 and not last:
-            _save(engine, cfg, ctx, state)
-        if eval_set is not None and cfg.eval.interval_steps and state.step % cfg.eval.interval_steps == 0 and not last:
-            result.eval_metrics = _evaluate_and_log(engine, eval_set, cfg, ctx, sink, state.step)
-        if steps_since_log == 0:
-            throughput.reset()  # checkpoint and evaluation time is not training throughput
+        with throughput.paused():  # checkpoint and evaluation time is not training throughput
+            if cfg.checkpoint.interval_steps and state.step % cfg.checkpoint.interval_steps == 0 and not last:
+                _save(engine, cfg, ctx, state, sums)
+            if eval_set is not None and cfg.eval.interval_steps and state.step % cfg.eval.interval_steps == 0 and not last:
+                result.eval_metrics = _evaluate_and_log(engine, eval_set, cfg, ctx, sink, state.step)
 
     if eval_set is not None:
         result.eval_metrics = _evaluate_and_log(engine, eval_set, cfg, ctx, sink, state.step)
     if cfg.checkpoint.save_final:
-        result.final_checkpoint = str(_save(engine, cfg, ctx, state))
+        result.final_checkpoint = str(_save(engine, cfg, ctx, state, sums))
         log.info("final checkpoint: %s", result.final_checkpoint)
     sink.close()
     log.info("run directory: %s (config.yaml, ds_config.json, checkpoints/, tensorboard/)", run_dir)
@@ -174,11 +175,7 @@ def build_engine(cfg: RunConfig, ctx: startup.RunContext):
     model = build_model(cfg.model, ctx.vocab.size)
     if ctx.is_main:
         model.config.save_pretrained(run_dir)
-    opt = cfg.optimizer
-    optimizer = build_optimizer(
-        build_param_groups(model, opt.weight_decay), opt.name, opt.lr, tuple(opt.betas), opt.eps, opt.weight_decay,
-        ctx.device.type, zero_stage=cfg.train.zero_stage, max_trust_ratio=opt.max_trust_ratio,
-    )
+    optimizer = build_optimizer(model, cfg.optimizer, ctx.device.type)
     sched = cfg.scheduler
     # each schedule takes only its own options
     options = {"polynomial": {"power": sched.power}, "cosine_with_restarts": {"num_cycles": sched.num_cycles}}.get(sched.name, {})
@@ -193,15 +190,17 @@ def build_engine(cfg: RunConfig, ctx: startup.RunContext):
     return engine
 
 
-def _log_plan(cfg: RunConfig, ctx: startup.RunContext, throughput: metrics.Throughput) -> None:
+def _log_plan(cfg: RunConfig, ctx: startup.RunContext, throughput: metrics.Throughput, sink: metrics.NullSink, step: int) -> None:
     global_batch = cfg.train.global_batch(ctx.world_size)
     log.info(
         "training %s for %d steps: global batch %d = %d micro x %d accumulation x %d ranks, %d tokens per step; "
-        "%.2f GFLOP per sample, peak %.2f TFLOP/s per device (%s)",
+        "%.2f GFLOP per sample; MFU against %.2f TFLOP/s per device (%s; %s)",
         cfg.model.init_from or cfg.model.preset, cfg.train.max_steps, global_batch, cfg.train.micro_batch_size,
         cfg.train.grad_accum_steps, ctx.world_size, global_batch * cfg.data.max_seq_length,
-        throughput.flops_fn(1, cfg.data.max_predictions()) / 1e9, throughput.peak, cfg.train.precision,
+        throughput.flops_fn(1, cfg.data.max_predictions()) / 1e9, throughput.peak, cfg.train.precision, throughput.peak_source,
     )
+    sink.log({"train/peak_tflops_per_device": throughput.peak}, step)
+    sink.text("train/mfu_peak", f"{throughput.peak:.3f} TFLOP/s per device, {cfg.train.precision}: {throughput.peak_source}", step)
 
 
 # -- metrics, evaluation, checkpoints --------------------------------------------------------
@@ -265,7 +264,10 @@ def _evaluate_and_log(engine, eval_set, cfg: RunConfig, ctx: startup.RunContext,
     return result
 
 
-def _save(engine, cfg: RunConfig, ctx: startup.RunContext, state: checkpoint.TrainState) -> Path:
+def _save(engine, cfg: RunConfig, ctx: startup.RunContext, state: checkpoint.TrainState, sums: torch.Tensor) -> Path:
+    # tokens since the last log are counted into the checkpoint too (one all-reduce; every rank saves anyway), so
+    # tokens_seen is exact whatever checkpoint.interval_steps is; the running sums stay as they are for the next log
+    saved = dataclasses.replace(state, tokens_seen=state.tokens_seen + int(_reduce(sums)["tokens"]))
     # the marker records what a reader needs without the engine: stage, precision and vocabulary
     extra = {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "vocab_sha256": ctx.vocab.sha256, "tokenizer": ctx.vocab.path}
-    return checkpoint.save(engine, Path(cfg.run_dir) / "checkpoints", state, cfg.checkpoint.keep_last, ctx.rank, ctx.world_size, extra)
+    return checkpoint.save(engine, Path(cfg.run_dir) / "checkpoints", saved, cfg.checkpoint.keep_last, ctx.rank, ctx.world_size, extra)

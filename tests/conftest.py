@@ -95,16 +95,20 @@ class Launch:
     stderr: str
 
 
-def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900) -> Launch:
+def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900, record_rng: Path | None = None, record_optimizer: bool = False) -> Launch:
     """Train several runs, each ``(config, *overrides)``, one after another in one launch (tests/dist_scripts/train_runs.py).
 
     One process for ``num_ranks=1`` (``THREADS`` threads), else ``deepspeed --num_gpus N`` on 127.0.0.1.
+    ``record_rng``: every rank saves its RNG states at each run's first step there (``run{i}_rank{r}.pt``).
+    ``record_optimizer``: each result gets ``optimizer_steps``, the param-group settings of every optimizer step (rank 0).
     """
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         results = Path(d) / "results.json"
         args = [a for run in runs for a in ("--run", *map(str, run))] + ["--results", str(results)]
+        args += ["--record-rng", str(record_rng)] if record_rng else []
+        args += ["--record-optimizer"] if record_optimizer else []
         if num_ranks > 1:
             proc = deepspeed_launch(str(TRAIN_RUNS), *args, num_ranks=num_ranks, timeout=timeout)
         else:
@@ -147,7 +151,7 @@ def write_run_config(path: Path, shards: dict, run_dir: Path, **sections) -> Pat
         "scheduler": {"name": "linear", "warmup_steps": 2},
         "checkpoint": {"interval_steps": 0, "keep_last": 2},
         "eval": {"interval_steps": 0, "num_samples": 64},
-        "logging": {"peak_tflops_per_device": 1.0},
+        # logging: the shipped defaults (the MFU peak is measured at start-up, as users get it)
     }
     for section, values in sections.items():
         if isinstance(values, dict):

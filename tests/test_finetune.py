@@ -109,7 +109,13 @@ def test_finetune_takes_the_encoder_of_a_bert_ds_checkpoint(pretraining_shards, 
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     result = last_json(run_module("bert_ds.finetune", "--model", tmp_path / "run", "--train", tmp_path / "train.jsonl",
                                   "--valid", tmp_path / "valid.jsonl", "--epochs", "1", "--json").stdout)  # fmt: skip
-    assert result["model"].startswith("bert-ds checkpoint") and 0.0 <= result["accuracy"] <= 1.0 and len(result["epochs"]) == 1
+    assert result["model"].startswith("bert-ds checkpoint") and len(result["epochs"]) == 1
+    valid = records[80:]
+    # the reported numbers are counts over the 40 validation examples: the last epoch's, and the majority class's share
+    correct = result["accuracy"] * len(valid)
+    assert result["accuracy"] == result["epochs"][-1]["accuracy"] and abs(correct - round(correct)) < 1e-9
+    labels = [r["label"] for r in valid]
+    assert result["majority_accuracy"] == max(labels.count(x) for x in set(labels)) / len(valid)
 
 
 def test_examples_are_read_from_csv_and_jsonl_and_bad_files_are_named(tmp_path):

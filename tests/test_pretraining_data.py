@@ -406,7 +406,8 @@ def test_blended_samples_come_from_the_scheduled_shard(tmp_path):
     for i in range(0, 1500, 3):  # across the epoch boundary too
         k = ds.shard_of(i % 1000)[0]
         a, b, label = split(ds[i])
-        assert corpora[k].trace(a).doc >= 0 and corpora[k].trace(b).doc >= 0
+        seg_a, seg_b = corpora[k].trace(a), corpora[k].trace(b)  # trace raises if a token is not shard k's
+        assert (seg_a.doc == seg_b.doc) == (label == NEXT_IS_CONTINUATION), (i, k, seg_a, seg_b, label)
     # a shard asked for more samples than it has anchors repeats them (new pairs and masks)
     heavy = make_dataset(corpora, weights=[0.8, 0.1, 0.1], num_samples=1000)
     assert np.bincount([heavy.shard_of(i)[0] for i in range(1000)]).tolist() == [800, 100, 100]

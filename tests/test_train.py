@@ -88,6 +88,31 @@ def test_tensorboard_holds_every_listed_scalar_and_the_run_dir_its_files(learnin
     assert "step 800/800" in proc.stderr and "eval at step 800" in proc.stderr
 
 
+def documented_run_dir_entries() -> set[str]:
+    """The run-directory entries the docs promise: README's "Run directory" paragraph and the run_dir field's docstring."""
+    import ast
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme[readme.index("Run directory:"):].split("\n\n")[0]
+    names = set(re.findall(r"RUN_DIR/([A-Za-z_.]+)", paragraph))
+    tree = ast.parse((REPO / "bert_ds" / "config.py").read_text())
+    run_config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RunConfig")
+    body = run_config.body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and node.target.id == "run_dir":
+            names |= set(re.findall(r"``([A-Za-z_]+(?:\.[a-z]+)?)``", body[i + 1].value.value))
+    return {n.rstrip("/") for n in names} - {"checkpoint.resume"}
+
+
+@pytest.mark.slow
+def test_the_run_directory_holds_what_the_docs_say(learning_run):
+    documented = documented_run_dir_entries()
+    assert {"config.yaml", "ds_config.json", "checkpoints", "tensorboard"} <= documented, documented
+    run_dir, _ = learning_run
+    assert {n for n in documented if not (run_dir / n).exists()} == set()
+
+
 def _cpu_fp16_supported() -> bool:
     import torch
 
@@ -99,6 +124,17 @@ def _cpu_fp16_supported() -> bool:
 
 STAGE_PRECISION = [(stage, precision, False) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + [(2, "bf16", True)]
 FP16 = (2, "fp16", False)
+OPTIMIZER_PHASE_ONE = dict(
+    train={"max_steps": 4, "micro_batch_size": 8, "zero_stage": 2, "log_interval": 1},
+    optimizer={"name": "lamb", "lr": 1e-2, "betas": [0.8, 0.9], "eps": 1e-4, "weight_decay": 0.1, "max_trust_ratio": 2.0},
+    scheduler={"name": "constant"}, eval={"num_samples": 32},
+)
+OPTIMIZER_PHASE_TWO = dict(
+    train={"max_steps": 3, "micro_batch_size": 8, "zero_stage": 2, "log_interval": 1},
+    optimizer={"name": "lamb", "lr": 4e-3, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01, "bias_correction": False},
+    scheduler={"name": "linear", "warmup_steps": 2, "total_steps": 4}, eval={"num_samples": 32},
+)
+RESUME_STAGES = (0, 2, 3)
 RESUME = dict(
     train={"max_steps": 12, "micro_batch_size": 8, "precision": "fp32", "log_interval": 1},
     scheduler={"name": "linear", "warmup_steps": 2, "total_steps": 12},
@@ -125,8 +161,8 @@ def _resume_configs(d: Path, shards: dict, stage: int) -> tuple[tuple, tuple]:
 
 @pytest.fixture(scope="module")
 def two_rank_runs(pretraining_shards, tmp_path_factory) -> Path:
-    """Every 2-rank run of this module but the resumed one, in one launch (launches cost more than steps here):
-    ZeRO 0-3 x fp32/bf16, ZeRO-2 offload, fp16 where the CPU has it, and the first part of the ZeRO-2 resume test."""
+    """Every 2-rank run of this module but the resumed ones, in one launch (launches cost more than steps here):
+    ZeRO 0-3 x fp32/bf16, ZeRO-2 offload, fp16 where the CPU has it, and the first parts of the ZeRO 0/2/3 resume tests."""
     d = tmp_path_factory.mktemp("two_ranks")
     runs = []
     for stage, precision, offload in STAGE_PRECISION + ([FP16] if _cpu_fp16_supported() else []):
@@ -137,8 +173,14 @@ def two_rank_runs(pretraining_shards, tmp_path_factory) -> Path:
                    "offload_optimizer": offload},
             optimizer={"name": "lamb", "lr": 1e-2}, eval={"num_samples": 32},
         ),))  # fmt: skip
-    runs += _resume_configs(d, pretraining_shards, stage=2)
-    train_runs(*runs, num_ranks=2)
+    for stage in RESUME_STAGES:
+        runs += _resume_configs(d, pretraining_shards, stage)
+    # phase 1 and a phase 2 that takes its LAMB state (checkpoint.load_optimizer_state), with other settings, ZeRO-2
+    runs.append((write_run_config(d / "opt_p1.yaml", pretraining_shards, d / "opt_p1", **OPTIMIZER_PHASE_ONE),))
+    runs.append((write_run_config(d / "opt_p2.yaml", pretraining_shards, d / "opt_p2", **OPTIMIZER_PHASE_TWO,
+                                  checkpoint={"init_from": str(d / "opt_p1"), "load_optimizer_state": True}),))  # fmt: skip
+    launch = train_runs(*runs, num_ranks=2, record_optimizer=True)
+    (d / "results.json").write_text(json.dumps(dict(zip((Path(r[0]).stem for r in runs), launch.results, strict=True))))
     return d
 
 
@@ -160,6 +202,10 @@ def one_process_runs(pretraining_shards, tmp_path_factory) -> Path:
                  "activation_checkpointing": checkpointing}
         runs.append((write_run_config(d / f"{name}.yaml", shards, d / name, model=model,
                                       train={"max_steps": 6, "micro_batch_size": 8, "log_interval": 1}),))
+    for log_interval in (1, 3):  # checkpoints at steps 2 and 4 fall between logs when logging every 3 steps
+        runs.append((write_run_config(d / f"tokens_log{log_interval}.yaml", shards, d / f"tokens_log{log_interval}",
+                                      train={"max_steps": 6, "micro_batch_size": 8, "log_interval": log_interval},
+                                      checkpoint={"interval_steps": 2, "keep_last": 0}),))  # fmt: skip
     train_runs(*runs, num_ranks=1)
     return d
 
@@ -189,20 +235,51 @@ def test_every_zero_stage_and_precision_trains_on_two_ranks(stage, precision, of
     assert marker["world_size"] == 2 and marker["zero_stage"] == stage
 
 
+RESUMES = [(0, 1), *((stage, 2) for stage in RESUME_STAGES)]
+
+
+@pytest.fixture(scope="module")
+def resumed(two_rank_runs, one_process_runs, tmp_path_factory) -> dict:
+    """The second halves of the resume tests, with the shipped defaults: the 2-rank ZeRO 0/2/3 ones in one fresh launch,
+    the 1-process ZeRO-0 one in another. (stage, ranks) -> (runs dir, the TrainResult, that rank's RNG states at the first step)."""
+    rng = tmp_path_factory.mktemp("rng_at_first_step")
+    out = {}
+    for ranks, runs_dir, stages in ((2, two_rank_runs, RESUME_STAGES), (1, one_process_runs, (0,))):
+        launch = train_runs(*((runs_dir / f"resume_z{stage}.yaml",) for stage in stages), num_ranks=ranks, record_rng=rng / str(ranks))
+        for i, (stage, result) in enumerate(zip(stages, launch.results, strict=True)):
+            out[(stage, ranks)] = (runs_dir, result, [rng / str(ranks) / f"run{i}_rank{r}.pt" for r in range(ranks)])
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, ranks", [(0, 1), (2, 2)], ids=["zero0-1rank", "zero2-2ranks"])
-def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(stage, ranks, request):
-    runs = request.getfixturevalue("two_rank_runs" if ranks == 2 else "one_process_runs")
-    [result] = train_runs((runs / f"resume_z{stage}.yaml",), num_ranks=ranks).results  # a fresh launch; resume: auto finds the step-5 checkpoint
+@pytest.mark.parametrize("stage, ranks", RESUMES, ids=[f"zero{s}-{r}rank" for s, r in RESUMES])
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(stage, ranks, resumed):
+    runs, result, _ = resumed[(stage, ranks)]  # a fresh launch; resume: auto found the step-5 checkpoint
     assert Path(result["resumed_from"]) == runs / f"resume_z{stage}" / "checkpoints" / "step00000005"
     assert result["state"]["step"] == 12 and result["state"]["consumed_samples"] == 12 * 8 * ranks
     straight = tensorboard_scalars(runs / f"resume_z{stage}_straight" / "tensorboard")
-    resumed = tensorboard_scalars(runs / f"resume_z{stage}" / "tensorboard")
+    resumed_scalars = tensorboard_scalars(runs / f"resume_z{stage}" / "tensorboard")
     # bit-identical, not approximately: every number of every step that the weights, data, masks and dropout decide
     for tag in ("train/loss", "train/mlm_loss", "train/nsp_loss", "train/grad_norm", "train/mlm_acc", "train/nsp_acc", "train/lr"):
-        a, b = dict(straight[tag]), dict(resumed[tag])
+        a, b = dict(straight[tag]), dict(resumed_scalars[tag])
         assert sorted(b) == list(range(1, 13)), tag
         assert [b[s] for s in range(1, 13)] == [a[s] for s in range(1, 13)], tag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, ranks", RESUMES, ids=[f"zero{s}-{r}rank" for s, r in RESUMES])
+def test_nothing_draws_from_the_global_rngs_between_restoring_them_and_the_first_step(stage, ranks, resumed):
+    """The RNG states a resumed run's first step sees are exactly those the checkpoint saved (the start-up MFU
+    matmul used to draw from torch's global generator in between, which broke exact resume with the defaults)."""
+    import torch
+
+    runs, result, recorded = resumed[(stage, ranks)]
+    for rank, path in enumerate(recorded):
+        saved = torch.load(Path(result["resumed_from"]) / f"rng_rank{rank}.pt", weights_only=False)
+        seen = torch.load(path, weights_only=False)
+        assert torch.equal(seen["torch"], saved["torch"]), rank
+        assert all(np.array_equal(a, b) for a, b in zip(seen["numpy"], saved["numpy"], strict=True)), rank
+        assert seen["python"] == saved["python"], rank
 
 
 @pytest.mark.slow
@@ -245,6 +322,45 @@ def test_phase_two_starts_from_phase_one_weights_with_its_own_sequence_length_an
     assert p2[1] < new[1] - 1.0  # starts where phase 1 left off, not from scratch
     assert p2[1] < p1[1]
     assert json.loads((d / "p2" / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 8
+
+
+@pytest.mark.slow
+def test_phase_two_with_loaded_optimizer_state_steps_with_its_own_settings(two_rank_runs):
+    """checkpoint.load_optimizer_state takes phase 1's moments and step counts, nothing else: every phase-2 step runs
+    with phase 2's betas, eps, weight decay, LAMB options and its own schedule's learning rate (DeepSpeed's load brought
+    back phase 1's parameter groups, so steps ran with phase 1's settings and its last lr)."""
+    results = json.loads((two_rank_runs / "results.json").read_text())
+    assert Path(results["opt_p2"]["initialised_from"]) == two_rank_runs / "opt_p1" / "checkpoints" / "step00000004"
+    steps = results["opt_p2"]["optimizer_steps"]
+    assert steps, "no optimizer step was recorded"
+    opt = OPTIMIZER_PHASE_TWO["optimizer"]
+    lr_of_step = [4e-3 * 0 / 2, 4e-3 * 1 / 2, 4e-3 * 2 / 2]  # linear warmup over 2 steps, steps 0-2 of phase 2
+    step = 0
+    for call in steps:  # DeepSpeed calls the client optimizer once per parameter group at ZeRO 1/2
+        for group in call:
+            assert group["betas"] == opt["betas"] and group["eps"] == opt["eps"], group
+            assert group["bias_correction"] is False and group["max_trust_ratio"] is None, group
+            assert group["weight_decay"] in (opt["weight_decay"], 0.0), group
+        lrs = {g["lr"] for g in call}
+        if lrs != {lr_of_step[step]}:
+            step += 1
+        assert lrs == {lr_of_step[step]}, (step, lrs)
+    assert step == 2 and sorted({g["weight_decay"] for call in steps for g in call}) == [0.0, 0.01]
+    # and phase 1 itself ran with its own settings (the recorder sees what it claims to)
+    assert {tuple(g["betas"]) for call in results["opt_p1"]["optimizer_steps"] for g in call} == {(0.8, 0.9)}
+
+
+@pytest.mark.slow
+def test_tokens_seen_in_a_checkpoint_is_exact_whatever_the_log_interval(one_process_runs):
+    """A checkpoint between two logs counts the tokens since the last log (they were lost on resume)."""
+    def tokens(run: str) -> dict[int, int]:
+        ckpts = one_process_runs / run / "checkpoints"
+        return {int(t.name[4:]): json.loads((t / "bert_ds_complete.json").read_text())["state"]["tokens_seen"]
+                for t in ckpts.iterdir() if t.is_dir()}  # fmt: skip
+
+    every_step, every_third = tokens("tokens_log1"), tokens("tokens_log3")
+    assert sorted(every_step) == sorted(every_third) == [2, 4, 6]
+    assert every_third == every_step and 0 < every_step[2] < every_step[4] < every_step[6]
 
 
 @pytest.mark.slow

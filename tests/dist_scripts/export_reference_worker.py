@@ -38,7 +38,7 @@ def reference_logits(config_path: str, out_dir: Path) -> None:
     cfg = ctx.cfg
     engine = trainer.build_engine(cfg, ctx)
     # DeepSpeed's load_checkpoint, on the ranks and ZeRO stage that wrote it
-    restored = checkpoint.restore(engine, cfg.checkpoint, Path(cfg.run_dir) / "checkpoints", ctx.rank, ctx.world_size)
+    restored = checkpoint.restore(engine, cfg, ctx.rank, ctx.world_size)
     assert restored.state.step == cfg.train.max_steps, (restored.state.step, cfg.train.max_steps)
     batch = collate([eval_dataset(cfg, ctx.vocab)[i] for i in range(8)])
     captured = {}

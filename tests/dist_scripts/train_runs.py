@@ -34,19 +34,59 @@ from bert_ds.config import load_run_config
 log = logging.getLogger("bert_ds")
 
 
+def record_rng_at_first_step(out_dir: Path, runs_done: list) -> None:
+    """Save this rank's global RNG states when each run takes its first step (``trainer.train_step``'s first call)."""
+    import random
+
+    import numpy as np
+
+    step, recorded = trainer.train_step, set()
+
+    def recording(*args, **kwargs):
+        run = len(runs_done)
+        if run not in recorded:
+            recorded.add(run)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+            torch.save(states, out_dir / f"run{run}_rank{torch.distributed.get_rank()}.pt")
+        return step(*args, **kwargs)
+
+    trainer.train_step = recording  # train() looks the step up in its module at every call
+
+
+RECORDED_SETTINGS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "max_trust_ratio")
+
+
+def record_optimizer_steps(steps: list) -> None:
+    """Append, at every optimizer step of any run, the settings each param group steps with (``steps[-1]`` is the current run's)."""
+
+    def hook(optimizer, args, kwargs):
+        steps[-1].append([{k: group[k] for k in RECORDED_SETTINGS if k in group} for group in optimizer.param_groups])
+
+    torch.optim.optimizer.register_optimizer_step_pre_hook(hook)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", nargs="+", required=True, metavar=("CONFIG", "KEY=VALUE"),
                         help="a run config and its overrides; repeat for more runs")
     parser.add_argument("--results", type=Path, help="write every run's TrainResult here as JSON (rank 0; a list in --run order)")
+    parser.add_argument("--record-rng", type=Path, help="save each rank's RNG states at each run's first step here (run{i}_rank{r}.pt)")
+    parser.add_argument("--record-optimizer", action="store_true", help="add each run's per-step param-group settings to --results")
     parser.add_argument("--local_rank", type=int, default=0, help="(appended by the deepspeed launcher; rank comes from the environment)")
     args = parser.parse_args()
     linear = torch.nn.functional.linear
     results = []
+    if args.record_rng:
+        record_rng_at_first_step(args.record_rng, results)
+    steps: list[list] = []
+    if args.record_optimizer:
+        record_optimizer_steps(steps)
     try:
         for config, *overrides in args.run:
+            steps.append([])
             result = trainer.train(load_run_config(config, overrides))
-            results.append({**dataclasses.asdict(result), "run_dir": str(result.run_dir)})
+            results.append({**dataclasses.asdict(result), "run_dir": str(result.run_dir), "optimizer_steps": steps[-1]})
             if args.results and torch.distributed.get_rank() == 0:
                 args.results.write_text(json.dumps(results, indent=2))
             # a run must leave the process as it found it, or the runs after it are not the runs a user gets
