@@ -63,7 +63,9 @@ def record_optimizer_steps(steps: list) -> None:
     def hook(optimizer, args, kwargs):
         steps[-1].append([{k: group[k] for k in RECORDED_SETTINGS if k in group} for group in optimizer.param_groups])
 
-    torch.optim.optimizer.register_optimizer_step_pre_hook(hook)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(hook)
 
 
 def main() -> None:
