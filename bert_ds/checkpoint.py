@@ -3,9 +3,22 @@
 Layout of ``RUN_DIR/checkpoints``::
 
     step00000100/           DeepSpeed's files (model, ZeRO optimizer partitions, scheduler, client state)
-        rng_rank0.pt ...    each rank's RNG states (dropout), for bit-exact resume
+        rng_rank0.pt ...    each rank's RNG states (dropout), as tensors, for bit-exact resume
         bert_ds_complete.json   written last, after every rank has finished: marks the tag usable
-    latest                  the newest complete tag (DeepSpeed's own pointer file name)
+    latest                  the newest complete tag (DeepSpeed's own pointer file name; informational)
+
+The directory's rules:
+
+* a tag is a directory named ``step`` + at least 8 digits, and it is usable only with its completion marker;
+  resuming takes the newest complete tag by step, whatever ``latest`` says (a crash between the marker and
+  ``latest`` loses nothing, and a ``latest`` naming a path elsewhere is never followed);
+* a run's checkpoints form one timeline: starting over (``checkpoint.resume: none``) or from an older tag
+  where newer complete ones exist is refused unless ``checkpoint.overwrite`` says to delete the newer ones;
+* pruning (``checkpoint.keep_last``) removes only complete tags strictly older than the one just written,
+  and incomplete leftovers older than it; re-saving a tag removes its old marker first;
+* no file is unpickled before it is checked (:func:`check_files`): beyond tensors and plain containers, a
+  checkpoint may pickle only what bert-ds and DeepSpeed write (``ALLOWED_GLOBALS``); bert-ds reads its own
+  files with ``weights_only=True``.
 
 ``save`` must be called on all ranks (DeepSpeed's requirement: every rank writes its partition).
 """
@@ -14,7 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +44,43 @@ from bert_ds.files import atomic_write
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "bert_ds_complete.json"
 TAG_PREFIX = "step"
+TAG = re.compile(r"step(\d{8,})")
+# What checkpoint files legitimately pickle beyond tensors and plain containers: DeepSpeed 0.19's ZeRO optimizer
+# states (its loss scaler, the stage enum, tensor fragment addresses; found by scanning ZeRO 0-3 x fp32/bf16 x
+# LAMB/AdamW and offload checkpoints). DeepSpeed unpickles its files with weights_only=False, so every file is checked
+# against this list first. bert-ds 0.1 wrote numpy arrays into its RNG files: allowed there only, for old checkpoints.
+ALLOWED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})  # fmt: skip
+_OLD_RNG_GLOBALS = frozenset({"numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"})
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint path is not a (complete) bert-ds checkpoint."""
+    """A checkpoint path is not a (complete, trustworthy) bert-ds checkpoint; the message names the file and why."""
+
+
+def check_files(tag_dir: Path) -> None:
+    """Refuse a tag any of whose ``.pt`` files would unpickle more than tensors, plain containers and ``ALLOWED_GLOBALS``.
+
+    Reads only each file's pickle opcodes (``torch.serialization.get_unsafe_globals_in_checkpoint``): nothing is
+    unpickled, so a crafted file is refused, naming it, before any code in it could run.
+    """
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            found = set(get_unsafe_globals_in_checkpoint(path))
+        except Exception as e:  # not a zip of the torch format, a truncated file, ...
+            raise CheckpointError(f"{path}: not a readable torch checkpoint file ({type(e).__name__}: {e}); nothing was loaded") from None
+        allowed = ALLOWED_GLOBALS | (_OLD_RNG_GLOBALS if path.name.startswith("rng_rank") else frozenset())
+        refused = sorted(found - allowed)
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused: it would unpickle {', '.join(refused)}, which neither bert-ds nor DeepSpeed writes "
+                "(a crafted or foreign file could run code on load); nothing was loaded"
+            )
 
 
 @dataclass
@@ -61,24 +109,57 @@ def _barrier() -> None:
         tdist.barrier()
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors only, so the file loads with ``weights_only=True``."""
+    version, python_state, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python_version": torch.tensor(version),
+        "python_state": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": torch.tensor(math.nan if gauss is None else gauss, dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos_gauss": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_cached_gaussian": torch.tensor(cached, dtype=torch.float64),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return state
+
+
+def read_rng_state(path: Path) -> dict:
+    """An RNG file as {"python": random's state, "numpy": numpy's, "torch": a ByteTensor, "cuda": [...]}; old and new formats."""
+    try:
+        with torch.serialization.safe_globals([np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not an RNG state file bert-ds wrote ({type(e).__name__}: {e})") from None
+    if "python" in raw:  # bert-ds 0.1: the states as Python and numpy objects
+        return raw
+    gauss = float(raw["python_gauss"])
+    pos, has_gauss = raw["numpy_pos_gauss"].tolist()
+    return {
+        "python": (int(raw["python_version"]), tuple(raw["python_state"].tolist()), None if math.isnan(gauss) else gauss),
+        "numpy": ("MT19937", raw["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, float(raw["numpy_cached_gaussian"])),
+        "torch": raw["torch"],
+        "cuda": [raw[k] for k in sorted((k for k in raw if k.startswith("cuda")), key=lambda k: int(k[4:]))],
+    }
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save(engine, checkpoint_dir: Path, state: TrainState, keep_last: int, rank: int, world_size: int, extra: dict | None = None) -> Path:
     """Save on all ranks; rank 0 marks it complete only after everyone finished, then prunes."""
     tag = tag_for_step(state.step)
+    if rank == 0:  # re-saving a tag: it stops claiming to be complete before any rank overwrites a file in it
+        (checkpoint_dir / tag / COMPLETE_MARKER).unlink(missing_ok=True)
+    _barrier()
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"bert_ds": state.to_dict()}, save_latest=False)
     torch.save(_rng_state(), checkpoint_dir / tag / f"rng_rank{rank}.pt")
     _barrier()  # every rank's files are on disk before the marker says so
@@ -86,41 +167,54 @@ def save(engine, checkpoint_dir: Path, state: TrainState, keep_last: int, rank: 
         marker = {"step": state.step, "world_size": world_size, "state": state.to_dict(), **(extra or {})}
         atomic_write(checkpoint_dir / tag / COMPLETE_MARKER, json.dumps(marker, indent=2))
         atomic_write(checkpoint_dir / "latest", tag)
-        _prune(checkpoint_dir, keep_last)
+        _prune(checkpoint_dir, keep_last, written=tag)
     _barrier()
     return checkpoint_dir / tag
 
 
-def complete_tags(checkpoint_dir: Path) -> list[str]:
-    """Complete tags, oldest first."""
+def tag_step(name: str) -> int | None:
+    """The step of a tag directory name of the trainer's own form (``step00000100``), else None."""
+    m = TAG.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _tags(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, tag dir) of every directory named like a tag, oldest first."""
     if not checkpoint_dir.is_dir():
         return []
-    tags = [p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / COMPLETE_MARKER).exists()]
-    return sorted(tags)
+    return sorted((tag_step(p.name), p) for p in checkpoint_dir.iterdir() if p.is_dir() and tag_step(p.name) is not None)
 
 
-def _prune(checkpoint_dir: Path, keep_last: int) -> None:
+def complete_tags(checkpoint_dir: Path) -> list[str]:
+    """Complete tags, oldest first."""
+    return [p.name for _, p in _tags(checkpoint_dir) if (p / COMPLETE_MARKER).is_file()]
+
+
+def _prune(checkpoint_dir: Path, keep_last: int, written: str) -> None:
+    """Remove complete tags older than ``written`` beyond the newest ``keep_last``, and incomplete leftovers older than it."""
     if keep_last <= 0:
         return
-    complete = complete_tags(checkpoint_dir)
-    keep = set(complete[-keep_last:])
-    newest = complete[-1] if complete else ""
-    for p in checkpoint_dir.iterdir():
-        # older complete tags beyond K, and incomplete leftovers older than the newest complete one
-        if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name not in keep and p.name < newest:
+    limit = tag_step(written)
+    older_complete = [p for step, p in _tags(checkpoint_dir) if step < limit and (p / COMPLETE_MARKER).is_file()]
+    keep = {p.name for p in older_complete[-(keep_last - 1):]} if keep_last > 1 else set()
+    for step, p in _tags(checkpoint_dir):
+        if step < limit and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_complete_tag(checkpoint_dir: Path) -> str | None:
-    """The tag named by ``latest`` if complete, else the newest complete tag; None if there is none."""
-    latest = checkpoint_dir / "latest"
-    if latest.exists():
-        tag = latest.read_text().strip()
-        if (checkpoint_dir / tag / COMPLETE_MARKER).exists():
-            return tag
-        log.warning("%s names %s, which is not complete; looking for the newest complete checkpoint", latest, tag)
+    """The newest complete tag by step (None if there is none); ``latest`` is only compared with it, never followed."""
     tags = complete_tags(checkpoint_dir)
-    return tags[-1] if tags else None
+    newest = tags[-1] if tags else None
+    latest = checkpoint_dir / "latest"
+    if latest.is_file():
+        named = latest.read_text(errors="replace").strip()
+        if tag_step(named) is None:
+            log.warning("%s holds %r, not a tag name (stepNNNNNNNN); ignored", latest, named[:100])
+        elif named != newest:
+            log.warning("%s names %s, but the newest complete checkpoint is %s (a crash between the two writes?); using %s",
+                        latest, named, newest, newest)
+    return newest
 
 
 def resolve(path: str | Path) -> tuple[Path, str]:
@@ -142,11 +236,12 @@ def resolve(path: str | Path) -> tuple[Path, str]:
 def load(engine, checkpoint_dir: Path, tag: str, rank: int, world_size: int) -> TrainState:
     """Resume everything: weights, optimizer, scheduler, trainer state, RNG (all ranks call)."""
     marker = json.loads((checkpoint_dir / tag / COMPLETE_MARKER).read_text())
+    check_files(checkpoint_dir / tag)  # DeepSpeed unpickles with weights_only=False
     _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     state = TrainState(**client_state["bert_ds"])
     rng_file = checkpoint_dir / tag / f"rng_rank{rank}.pt"
     if marker.get("world_size") == world_size and rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(read_rng_state(rng_file))
     else:
         log.warning("resuming on %d ranks from a %s-rank checkpoint: dropout RNG starts fresh (results will not be bit-identical)",
                     world_size, marker.get("world_size"))
@@ -155,6 +250,7 @@ def load(engine, checkpoint_dir: Path, tag: str, rank: int, world_size: int) -> 
 
 def load_weights(engine, checkpoint_dir: Path, tag: str, load_optimizer_state: bool) -> None:
     """Phase-2 start: weights (and optionally optimizer state) of a phase-1 checkpoint; a fresh schedule and data."""
+    check_files(checkpoint_dir / tag)  # DeepSpeed unpickles with weights_only=False
     engine.load_checkpoint(
         str(checkpoint_dir), tag=tag,
         load_optimizer_states=load_optimizer_state, load_lr_scheduler_states=False, load_module_only=not load_optimizer_state,
@@ -178,22 +274,42 @@ class Restored:
 def restore(engine, cfg: RunConfig, rank: int, world_size: int) -> Restored:
     """Resume (``checkpoint.resume``), else take a phase-1 checkpoint's weights (``checkpoint.init_from``), else start fresh.
 
-    All ranks call it.
+    All ranks call it. A run never starts behind checkpoints of its own that are newer than its start: that is
+    refused unless ``checkpoint.overwrite``, which deletes them (they would be resumed instead of this run's).
     """
     ckpt, checkpoint_dir = cfg.checkpoint, Path(cfg.run_dir) / "checkpoints"
-    if ckpt.resume != "none":
-        if ckpt.resume == "auto":
-            tag = latest_complete_tag(checkpoint_dir)
-            location = (checkpoint_dir, tag) if tag else None
-        else:
-            location = resolve(ckpt.resume)
-        if location:
-            state = load(engine, location[0], location[1], rank, world_size)
-            log.info("resumed from %s/%s at step %d (%d samples consumed)", location[0], location[1], state.step, state.consumed_samples)
-            return Restored(state, resumed_from=str(location[0] / location[1]), optimizer_state_loaded=True)
+    location = None
+    if ckpt.resume == "auto":
+        tag = latest_complete_tag(checkpoint_dir)
+        location = (checkpoint_dir, tag) if tag else None
+    elif ckpt.resume != "none":
+        location = resolve(ckpt.resume)
+    _one_timeline(checkpoint_dir, tag_step(location[1]) if location else 0, ckpt.overwrite, rank)
+    if location:
+        state = load(engine, location[0], location[1], rank, world_size)
+        log.info("resumed from %s/%s at step %d (%d samples consumed)", location[0], location[1], state.step, state.consumed_samples)
+        return Restored(state, resumed_from=str(location[0] / location[1]), optimizer_state_loaded=True)
     if ckpt.init_from:
         source_dir, tag = resolve(ckpt.init_from)
         load_weights(engine, source_dir, tag, ckpt.load_optimizer_state)
         log.info("initialised weights%s from %s/%s", " and optimizer state" if ckpt.load_optimizer_state else "", source_dir, tag)
         return Restored(TrainState(), initialised_from=str(source_dir / tag), optimizer_state_loaded=ckpt.load_optimizer_state)
     return Restored(TrainState())
+
+
+def _one_timeline(checkpoint_dir: Path, start_step: int, overwrite: bool, rank: int) -> None:
+    newer = [name for name in complete_tags(checkpoint_dir) if tag_step(name) > start_step]
+    if not newer:
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"{checkpoint_dir} holds checkpoints newer than where this run starts (step {start_step}): {', '.join(newer)}. "
+            "checkpoint.resume=auto continues from the newest; set checkpoint.overwrite=true to delete them and start here, "
+            "or use another run_dir"
+        )
+    if rank == 0:
+        log.warning("checkpoint.overwrite: deleting %s, newer than step %d where this run starts", ", ".join(newer), start_step)
+        for name in newer:
+            (checkpoint_dir / name / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(checkpoint_dir / name, ignore_errors=True)
+    _barrier()

@@ -597,6 +597,10 @@ class CheckpointConfig:
     save_final: bool = True
     """Save a checkpoint after the last step."""
 
+    overwrite: bool = False
+    """Start a run (``resume: none``, or ``resume`` from an older checkpoint) in a ``run_dir`` that holds newer
+    checkpoints of its own: ``false`` refuses (they would be resumed instead of this run's), ``true`` deletes them."""
+
     def __post_init__(self) -> None:
         _normalize_fields(self)
         _require(self.interval_steps >= 0, f"checkpoint.interval_steps must be >= 0 (0 = only at the end), got {self.interval_steps}")

@@ -110,21 +110,20 @@ def start(cfg: RunConfig, env: MutableMapping[str, str] | None = None) -> RunCon
     jit_ops.prebuild_comm_op()
     timeout = preflight.timeout_s(env)
     addr, port = dist.set_rendezvous_address(ranks, env)
-    store = None
+    t0 = time.monotonic()
+    store = preflight.open_store(report, addr, port, timeout, env)
     if ranks.world_size == 1:
         reports = {0: report}
         preflight.check_alone(report)
     else:
-        t0 = time.monotonic()
-        store, reports = preflight.rendezvous(report, addr, port, timeout, env)
+        reports = preflight.rendezvous(report, store, timeout, env)
         log.info("preflight: all %d ranks reported in %.1f s", ranks.world_size, time.monotonic() - t0)
     # 4x the rendezvous wait: on hundreds of GPUs the first all-reduce includes NCCL's communicator setup
     with preflight.deadline(preflight.COLLECTIVE_FACTOR * timeout,
                             f"rank {ranks.rank}: starting the {backend} process group and one all-reduce over {ranks.world_size} ranks "
                             "(check GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME and firewalls between the nodes)"):
-        dist.init_process_group(ranks, device, backend, env)
+        dist.init_process_group(ranks, device, backend, store)
         all_reduce_ms = preflight.check_all_reduce(ranks.rank, ranks.world_size, device)
-    del store  # torch.distributed holds its own reference to the rendezvous server now
     if ranks.rank == 0:
         log.info("%s", preflight.summary(reports, backend, all_reduce_ms))
     if precision != cfg.train.precision:

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"config error: {e}") from None
     # imported after the config is read: a typo in it fails before torch and DeepSpeed load
     from bert_ds import trainer
+    from bert_ds.checkpoint import CheckpointError
     from bert_ds.cluster import dist
     from bert_ds.cluster.preflight import PreflightError
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"preflight failed: {e}") from None
     except dist.DistributedSetupError as e:
         raise SystemExit(f"distributed setup error: {e}") from None
+    except CheckpointError as e:
+        raise SystemExit(f"checkpoint error: {e}") from None
     finally:
         dist.shutdown()
 

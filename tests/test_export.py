@@ -211,3 +211,31 @@ def test_export_peak_memory_stays_under_twice_the_fp32_model_size(runs, tmp_path
     assert m["model_bytes"] > 100e6
     assert growth < 2.0, m
     assert (tmp_path / "hf" / "model.safetensors").stat().st_size > m["model_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crafted", ["mp_rank_00_model_states.pt", "rng_rank1.pt"])
+def test_a_crafted_checkpoint_file_runs_nothing_under_export_evaluate_finetune_or_resume(runs, tmp_path, crafted):
+    """A checkpoint file that unpickles into os.system ran its command under export and evaluate (DeepSpeed's own
+    loader would have run it on resume). Every path refuses it, naming the file, and nothing runs."""
+    from tests.test_checkpoint import crafted_pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["z2"], run)
+    tag = run / "checkpoints" / "step00000004"
+    ran = tmp_path / "RAN"
+    crafted_pickle(tag / crafted, ran)
+    (tmp_path / "train.csv").write_text("text,label\na b,0\nc d,1\n")
+    commands = {
+        "bert_ds.export": [run, tmp_path / "hf"],
+        "bert_ds.evaluate": [run],
+        "bert_ds.finetune": ["--model", run, "--train", tmp_path / "train.csv", "--valid", tmp_path / "train.csv", "--epochs", "1"],
+        "bert_ds.train": [run / "config.yaml", f"run_dir={run}", "train.max_steps=6", "data.num_workers=0"],  # resume: auto, 1 rank
+    }
+    for module, args in commands.items():
+        if module in ("bert_ds.export", "bert_ds.evaluate", "bert_ds.finetune") and crafted.startswith("rng"):
+            continue  # those read the weights only; the RNG files matter to resume
+        proc = run_module(module, *args, check=False, env=OFFLINE)
+        assert proc.returncode != 0, module
+        assert f"{crafted}: refused: it would unpickle posix.system" in proc.stderr, (module, proc.stderr[-2000:])
+        assert not ran.exists(), module

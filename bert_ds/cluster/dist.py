@@ -17,7 +17,9 @@ and on which host every rank is expected (``expected_rank_hosts``), to name a ra
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -84,6 +86,10 @@ def set_rendezvous_address(info: RankInfo, env: MutableMapping[str, str]) -> tup
 
     The start-up (``bert_ds.startup``) calls it once, before the preflight rendezvous, which the process group then reuses.
     """
+    if env.get("MASTER_ADDR") == "":  # DeepSpeed would then guess one from `hostname -I`
+        del env["MASTER_ADDR"]
+        if info.source == "single":
+            raise DistributedSetupError("MASTER_ADDR is set but empty: unset it, or give the rendezvous address")
     if info.source == "single":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
@@ -150,6 +156,36 @@ def expected_rank_hosts(env: Mapping[str, str]) -> list[str] | None:
     return None
 
 
+def listening_socket(addr: str, port: int, multi_node: bool | None) -> socket.socket:
+    """A socket bound to MASTER_ADDR itself (not every interface) and listening: the rendezvous store's server socket.
+
+    torch's TCPStore binds to all interfaces; handed this socket (``master_listen_fd``) it serves only here, so a
+    single-node or loopback run listens on loopback only and a multi-node run on the address the launcher or
+    scheduler named. A host name that resolves to a loopback address on the master (Debian maps the machine's own
+    name to 127.0.1.1 in /etc/hosts) cannot serve ranks on other nodes: refused when the job spans several.
+    """
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    except OSError as e:
+        raise DistributedSetupError(f"MASTER_ADDR {addr} does not resolve on rank 0's host ({e.strerror or e})") from None
+    ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+    if ip.is_loopback and multi_node and addr != sockaddr[0]:
+        raise DistributedSetupError(
+            f"MASTER_ADDR {addr} resolves to {ip} (loopback) on rank 0's host, so ranks on other nodes cannot reach the "
+            "rendezvous there (Debian's /etc/hosts maps a machine's own name to 127.0.1.1): set MASTER_ADDR to this node's "
+            "address on the network between the nodes"
+        )
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(sockaddr)
+    except OSError as e:
+        sock.close()
+        raise DistributedSetupError(f"cannot listen on {addr}:{port} ({e.strerror or e}): is the port taken? set MASTER_PORT") from None
+    sock.listen(1024)
+    return sock
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago (for single-process runs and tests)."""
     with socket.socket() as s:
@@ -176,21 +212,23 @@ def device_for(device_type: str, index: int | None) -> torch.device:
     return torch.device(device_type, index) if index is not None else torch.device(device_type)
 
 
-def init_process_group(ranks: RankInfo, device: torch.device, backend: str, env: MutableMapping[str, str], timeout_minutes: float = 10.0) -> None:
-    """Pin the device and start DeepSpeed's process group on decided ranks and device (all ranks must call).
+def init_process_group(ranks: RankInfo, device: torch.device, backend: str, store, timeout_minutes: float = 10.0) -> None:
+    """Pin the device and start the process group on decided ranks and device, over the rendezvous ``store`` (all ranks).
 
-    ``set_rendezvous_address`` must have filled in MASTER_ADDR/MASTER_PORT; the comm op is built
-    beforehand (``bert_ds.cluster.jit_ops``), outside any deadline.
+    The store is the preflight's (``bert_ds.cluster.preflight.open_store``): the process group opens no listener of
+    its own. DeepSpeed's communication layer then wraps this group; its JIT comm op is built beforehand
+    (``bert_ds.cluster.jit_ops``), outside any deadline.
     """
-    # torch.distributed's env:// rendezvous reads these names whatever launched us
-    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(ranks.rank), str(ranks.world_size), str(ranks.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     import deepspeed
 
+    if not torch.distributed.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
+        torch.distributed.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes))
     log.info("rank %d/%d (local %d, from %s) on %s, backend %s, master %s:%s", ranks.rank, ranks.world_size, ranks.local_rank,
-             ranks.source, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])
+             ranks.source, device, backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
 
 
 def shutdown() -> None:

@@ -13,8 +13,9 @@ or before launching, on the launch node, to check a hostfile (exit status 2 on a
 The trainer runs the same checks as part of its one start-up (``bert_ds.startup.start``), which
 decides ranks, device, precision and vocabulary once and hands them here to be compared:
 
-1. **Rendezvous with a deadline.** Rank 0 opens the job's TCPStore on MASTER_ADDR:MASTER_PORT
-   (the one ``torch.distributed`` then reuses: multi-tenant) and every rank posts a report: host,
+1. **Rendezvous with a deadline.** Rank 0 opens the job's TCPStore on MASTER_ADDR:MASTER_PORT, listening
+   on that address only (loopback for a single-node run; the process group then reuses this store, so
+   nothing else listens) and every rank posts a report: host,
    node, rank, local rank, device, versions of Python/torch/DeepSpeed/transformers/bert-ds, the
    size of every data shard it sees, and the vocabulary's SHA-256. Rank 0 waits at most
    ``BERT_DS_PREFLIGHT_TIMEOUT`` seconds (default 30) and then names the missing ranks and the
@@ -239,31 +240,56 @@ def format_table(reports: Mapping[int, dict]) -> str:
 # second ``trainer.train`` in the same processes (a sweep, a notebook, the tests' train_runs.py) must not
 # read the first one's reports and verdict: every rank counts its calls alike, so they share a fresh prefix.
 _rendezvous_count = itertools.count()
+_stores: dict[tuple[str, int], object] = {}
 
 
-def rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping[str, str]):
-    """Post this rank's report; rank 0 collects all of them and posts a verdict. Returns (store, reports).
+def open_store(report: dict, addr: str, port: int, timeout: float, env: Mapping[str, str]):
+    """The job's rendezvous store (all ranks): rank 0 serves it on a socket bound to MASTER_ADDR only, the others connect.
 
-    Raises :class:`PreflightError`, with the same verdict on every rank that is alive, when a rank is
-    missing or the reports disagree.
+    The process group reuses it (``dist.init_process_group(store=...)``), so nothing else listens. Raises
+    :class:`PreflightError` naming the address, the host and the likely cause when it cannot be opened or reached.
     """
+    if (addr, port) in _stores:  # a second run in the same processes: the process group still holds this store
+        return _stores[(addr, port)]
+    _stores[(addr, port)] = store = _connect(report, addr, port, timeout, env)
+    return store
+
+
+def _connect(report: dict, addr: str, port: int, timeout: float, env: Mapping[str, str]):
     from torch.distributed import TCPStore
 
+    from bert_ds.cluster.dist import DistributedSetupError, listening_socket
+
     rank, world = report["rank"], report["world_size"]
-    key = f"{_KEY}/{next(_rendezvous_count)}"
+    local = report["local_world_size"]
+    if rank == 0:
+        try:
+            sock = listening_socket(addr, port, multi_node=None if local is None else local < world)
+        except DistributedSetupError as e:
+            raise PreflightError(f"{_where(report)}: cannot open the rendezvous: {e}") from None
+        # the store serves on this socket for the rest of the process (it keeps the descriptor)
+        return TCPStore(addr, port, world, True, timedelta(seconds=timeout), wait_for_workers=False, master_listen_fd=sock.detach(),
+                        use_libuv=True)
     hosts = expected_rank_hosts(env)
     try:
-        # multi_tenant: torch.distributed's env:// rendezvous later opens the same host:port in this
-        # process and reuses this server, so nothing is torn down and re-bound in between
-        store = TCPStore(addr, port, world, rank == 0, timedelta(seconds=timeout), wait_for_workers=False, multi_tenant=True)
+        # rank 0 may start up to `timeout` after us
+        return TCPStore(addr, port, world, False, timedelta(seconds=timeout), wait_for_workers=False)
     except Exception as e:  # DistNetworkError / RuntimeError, depending on the torch version
-        if rank == 0:
-            raise PreflightError(f"{_where(report)}: cannot open the rendezvous on {addr}:{port}: {e} (is the port taken? set MASTER_PORT)") from None
         master = f" (rank 0's host: {hosts[0]})" if hosts else ""
         raise PreflightError(
             f"{_where(report)}: could not reach the rendezvous at {addr}:{port}{master} within {timeout:.0f} s: rank 0 was never started "
             f"or died before the rendezvous, or MASTER_ADDR/MASTER_PORT is wrong or blocked from this host ({str(e).splitlines()[0]})"
         ) from None
+
+
+def rendezvous(report: dict, store, timeout: float, env: Mapping[str, str]) -> dict[int, dict]:
+    """Post this rank's report; rank 0 collects all of them and posts a verdict. Returns the reports (rank 0; {} elsewhere).
+
+    Raises :class:`PreflightError`, with the same verdict on every rank that is alive, when a rank is
+    missing or the reports disagree.
+    """
+    rank, world = report["rank"], report["world_size"]
+    key = f"{_KEY}/{next(_rendezvous_count)}"
     store.set(f"{key}/report/{rank}", json.dumps(report))
     if rank != 0:
         try:
@@ -275,7 +301,7 @@ def rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping[
             raise PreflightError(f"{_where(report)}: lost rank 0 before its verdict ({str(e).splitlines()[0]}): see rank 0's output") from None
         if verdict != "ok":
             raise PreflightError(verdict)
-        return store, {}
+        return {}
     wait_until = time.monotonic() + timeout
     while True:
         missing = [r for r in range(world) if not store.check([f"{key}/report/{r}"])]
@@ -299,7 +325,7 @@ def rendezvous(report: dict, addr: str, port: int, timeout: float, env: Mapping[
         while int(store.add(f"{key}/acks", 0)) < len(reports) - 1 and time.monotonic() < ack_deadline:
             time.sleep(0.1)
         raise PreflightError(verdict)
-    return store, reports
+    return reports
 
 
 @contextlib.contextmanager

@@ -8,7 +8,9 @@ of their global index (``bert_ds.data.pretraining``), so nothing else needs savi
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -78,6 +80,20 @@ class RankBatchSampler(Sampler[list[int]]):
             position += stride
 
 
+@functools.cache
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers start from a fresh forkserver process, never forked from a rank.
+
+    A forked worker would inherit the rank's memory (a whole model before ZeRO-3 partitions it, pages it then
+    touches and copies) and its open sockets (the rendezvous store's listener). The forkserver is a new
+    interpreter that has imported only this module's dependencies (preloaded, so a worker starts in
+    milliseconds); the dataset reaches a worker pickled, its shards re-opened as memory maps.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["bert_ds.data.loader"])
+    return context
+
+
 def build_dataloader(
     dataset: Dataset,
     micro_batch_size: int,
@@ -111,6 +127,7 @@ def build_dataloader(
     sampler = RankBatchSampler(micro_batch_size, rank, world_size, consumed_samples, max_samples)
     return DataLoader(
         dataset,
+        multiprocessing_context=_worker_context() if num_workers > 0 else None,
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,

@@ -34,7 +34,9 @@ ZeRO-2 checkpoint of 2 ranks (``tests/test_export.py`` measures it; ``zero_to_fp
 
 from __future__ import annotations
 
+import functools
 import gc
+import importlib
 import logging
 import math
 import re
@@ -44,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from bert_ds.checkpoint import CheckpointError
+from bert_ds.checkpoint import ALLOWED_GLOBALS, CheckpointError, check_files
 from bert_ds.zero.layout import contiguous_partition_segments, sharded_params_segments
 
 log = logging.getLogger(__name__)
@@ -70,10 +72,21 @@ class Skeleton:
 
 
 
+@functools.cache
+def _allowed_classes() -> list:
+    """The classes of ``bert_ds.checkpoint.ALLOWED_GLOBALS`` (DeepSpeed's), for ``weights_only`` loading."""
+    classes = []
+    for name in sorted(ALLOWED_GLOBALS):
+        module, _, attr = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attr))
+    return classes
+
+
 def _load(path: Path) -> dict:
-    # mmap: tensors stay on disk until touched. weights_only=False because DeepSpeed pickles its own
-    # classes (LossScaler, ZeroStageEnum, fragment_address); only open checkpoints you trust.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    # mmap: tensors stay on disk until touched. weights_only: only tensors, plain containers and the DeepSpeed classes
+    # its checkpoints hold can come out (read_fp32_weights has already refused a file pickling anything else)
+    with torch.serialization.safe_globals(_allowed_classes()):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 def _rank_files(tag_dir: Path, kind: str) -> list[Path]:
@@ -103,6 +116,7 @@ def read_fp32_weights(tag_dir: Path, skel: Skeleton, world_size: int | None = No
     from the checkpoint file. Raises :class:`CheckpointError` when files are missing or the
     checkpoint's parameters are not the model's.
     """
+    check_files(tag_dir)  # nothing is unpickled before every file is known to hold only what DeepSpeed writes
     zero3_models = _rank_files(tag_dir, "model")
     optim_files = _rank_files(tag_dir, "optim")
     if zero3_models:

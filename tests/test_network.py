@@ -1,0 +1,44 @@
+"""What a run exposes to the network: the rendezvous store listens on MASTER_ADDR only (loopback for a single-node
+run), data-loader workers never hold its socket, and the address is never guessed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bert_ds.cluster import dist
+from bert_ds.cluster.dist import DistributedSetupError, RankInfo
+from tests.conftest import REPO, deepspeed_launch, write_run_config
+
+
+@pytest.mark.slow
+def test_the_store_listens_on_loopback_only_and_no_loader_worker_holds_its_socket(pretraining_shards, tmp_path):
+    """It listened on every interface (`::`), and the forked loader workers held the listening socket."""
+    config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run", data={"num_workers": 1})
+    deepspeed_launch(str(REPO / "tests" / "dist_scripts" / "listen_check.py"), tmp_path / "out", config, num_ranks=2)
+    rank0, rank1 = (json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["listening"] == rank1["listening"] == ["127.0.0.1"]  # one listener, rank 0's, on the given address
+    assert rank0["workers"] == rank1["workers"] == 1
+    assert rank0["workers_holding_the_listener"] == rank1["workers_holding_the_listener"] == []
+
+
+@pytest.mark.parametrize("source", ["launcher", "slurm", "single"])
+def test_an_empty_master_addr_is_an_error_not_a_guess(source):
+    info = RankInfo(0, 1 if source == "single" else 2, 0, source)
+    env = {"MASTER_ADDR": "", "MASTER_PORT": "29500"}
+    with pytest.raises(DistributedSetupError, match="MASTER_ADDR"):
+        dist.set_rendezvous_address(info, env)
+
+
+def test_a_name_that_resolves_to_loopback_cannot_serve_other_nodes():
+    """Debian maps a machine's own name to 127.0.1.1: binding there would leave the other nodes' ranks outside."""
+    with pytest.raises(DistributedSetupError, match=r"resolves to 127\.0\.0\.1 \(loopback\).*other nodes"):
+        dist.listening_socket("localhost", 0, multi_node=True)
+    for multi_node in (False, None):  # one node, or nobody says: the name is served where it resolves
+        sock = dist.listening_socket("localhost", 0, multi_node=multi_node)
+        assert sock.getsockname()[0] == "127.0.0.1"
+        sock.close()
+    sock = dist.listening_socket("127.0.0.1", 0, multi_node=True)  # an explicit loopback address is the user's choice
+    assert sock.getsockname()[0] == "127.0.0.1"
+    sock.close()
