@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bert_ds.config import RunConfig
+from bert_ds.config import ConfigError, RunConfig
 from bert_ds.data import word_boundaries
 from bert_ds.data.indexed_dataset import IndexedDataset
 from bert_ds.data.masking import MaskingVocab, continuation_table, mask_tokens
@@ -478,13 +478,16 @@ class PretrainingDataset(Dataset):
 
 def _run_dataset(cfg: RunConfig, vocab: Vocab, prefixes: Sequence[str], mask_prob: float, weights=None, num_samples: int | None = None) -> PretrainingDataset:
     data = cfg.data
-    return PretrainingDataset(
-        prefixes, vocab_size=vocab.size, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pad_id=vocab.pad_id, mask_id=vocab.mask_id,
-        unk_id=vocab.unk_id, max_seq_length=data.max_seq_length, max_predictions_per_seq=data.max_predictions(mask_prob),
-        seed=cfg.seed, weights=weights, is_continuation=continuation_table(vocab.tokens),
-        is_cjk_token=word_boundaries.cjk_token_table(vocab.tokens) if data.whole_word_mask else None, short_seq_prob=data.short_seq_prob,
-        mask_prob=mask_prob, whole_word_mask=data.whole_word_mask, nsp_mode=data.nsp_mode, num_samples=num_samples,
-    )
+    try:
+        return PretrainingDataset(
+            prefixes, vocab_size=vocab.size, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pad_id=vocab.pad_id, mask_id=vocab.mask_id,
+            unk_id=vocab.unk_id, max_seq_length=data.max_seq_length, max_predictions_per_seq=data.max_predictions(mask_prob),
+            seed=cfg.seed, weights=weights, is_continuation=continuation_table(vocab.tokens),
+            is_cjk_token=word_boundaries.cjk_token_table(vocab.tokens) if data.whole_word_mask else None, short_seq_prob=data.short_seq_prob,
+            mask_prob=mask_prob, whole_word_mask=data.whole_word_mask, nsp_mode=data.nsp_mode, num_samples=num_samples,
+        )
+    except word_boundaries.WordBoundaryError as e:  # the shards do not fit data.whole_word_mask: a setting to fix, not a crash
+        raise ConfigError(str(e)) from None
 
 
 def train_dataset(cfg: RunConfig, vocab: Vocab) -> PretrainingDataset:
