@@ -83,8 +83,7 @@ def _init_worker(tokenizer_dir: str, options: Options) -> None:
     _worker_state["options"] = options
     _worker_state["is_cjk_token"] = word_boundaries.cjk_token_table(vocab_tokens(tok))
     if options.segmenter.enabled:
-        segmentation.check_tokenizer(_worker_state["encoder"])
-        _worker_state["segmenter"] = options.segmenter.build()
+        _worker_state["segmented"] = segmentation.SegmentedEncoder(_worker_state["encoder"], options.segmenter.build())
 
 
 def _in_valid_split(text: str, options: Options) -> bool:
@@ -117,7 +116,7 @@ def process_unit(unit: sources.WorkUnit) -> UnitResult:
             continue
         sentences = [s for sentences in doc_list for s in sentences]
         if options.segmenter.enabled:
-            tokens, lengths, continues = segmentation.encode_segmented(encoder, _worker_state["segmenter"], sentences)
+            tokens, lengths, continues = _worker_state["segmented"].encode(sentences)
         else:
             (tokens, lengths), continues = encoder.encode(sentences), None
         num_docs = len(doc_list)

@@ -160,6 +160,22 @@ def test_segmented_preprocessing_writes_the_same_shard_plus_flags_that_match_jie
     assert read_metadata(zh["shard_none"])["word_segmentation"] == {"segmenter": "none", "cjk_tokens": meta["cjk_tokens"]}
 
 
+def test_segmented_preprocessing_gives_the_library_s_ids_on_adversarial_text(zh, tmp_path):
+    """Units of CJK characters and the runs between them tokenize as the whole sentence does, whatever is next to them."""
+    docs = [
+        "ＡＢＣ中文ｘｙｚ１２３，混合。日本語のかなカタカナと한국어도。Café naïve 中\u0301文 e\u0301中。",
+        "表情😀符号𠀀𠀁扩展B区字，兼容字\uf900\ufa0e。控制\x07字符\u200b零宽，[MASK]中[UNK]文。",
+        "  前后 空格  中 文  。English only sentence here. 数字3.14和2024年。",
+    ]
+    corpus = write_documents(docs, tmp_path / "adversarial.txt")
+    common = ["--input", corpus, "--tokenizer", zh["hf"], "--workers", "1"]
+    run_module("data_tools.preprocess", *common, "--output-prefix", tmp_path / "plain")
+    run_module("data_tools.preprocess", *common, "--output-prefix", tmp_path / "seg", "--word-segmenter", "jieba")
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"seg.{ext}").read_bytes() == (tmp_path / f"plain.{ext}").read_bytes()
+    run_module("data_tools.inspect", tmp_path / "seg", "--verify")
+
+
 def test_a_user_dictionary_joins_domain_terms_the_built_in_dictionary_splits(zh, tmp_path):
     import rjieba
 
@@ -475,12 +491,12 @@ def test_a_tiny_chinese_bert_continued_with_whole_word_masking_learns(zh, tmp_pa
     # a run that asks for whole-word masking on unsegmented Chinese shards stops before training, naming them
     run_module("data_tools.preprocess", "--input", zh["learn"], "--tokenizer", zh["hf"], "--output-prefix", d / "plain", "--workers", "1")
     bad = write_run_config(tmp_path / "bad.yaml", {"train": d / "plain", "valid": ""}, tmp_path / "bad",
-                           model={"init_from": str(zh["hf"])}, data={"whole_word_mask": True, "valid_prefix": ""})
+                           model={"init_from": str(zh["hf"]), "overrides": {}}, data={"whole_word_mask": True, "valid_prefix": ""})
     proc = run_module("bert_ds.train", bad, check=False)
     assert proc.returncode != 0 and "plain: data.whole_word_mask is true" in proc.stderr, proc.stderr[-2000:]
 
     config = write_run_config(
-        tmp_path / "run.yaml", shards, tmp_path / "run", model={"init_from": str(zh["hf"])},
+        tmp_path / "run.yaml", shards, tmp_path / "run", model={"init_from": str(zh["hf"]), "overrides": {}},
         data={"whole_word_mask": True, "max_seq_length": SEQ_LEN},
         train={"max_steps": 300, "micro_batch_size": 32, "log_interval": 50}, optimizer={"name": "adamw", "lr": 3e-3},
         scheduler={"name": "linear", "warmup_steps": 30}, eval={"interval_steps": 300, "num_samples": 256},
