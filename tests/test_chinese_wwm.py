@@ -506,4 +506,5 @@ def test_a_tiny_chinese_bert_continued_with_whole_word_masking_learns(zh, tmp_pa
     counts = Counter(tokens[tokens >= 5].tolist())
     unigram = max(counts.values()) / sum(counts.values())
     mlm_acc = result["eval_metrics"]["eval/mlm_acc"]
-    assert mlm_acc > unigram + 0.2, (mlm_acc, unigram)
+    print(f"Chinese whole-word masking: eval masked-token accuracy {mlm_acc:.3f}, most frequent token {unigram:.3f}")
+    assert mlm_acc > max(2.5 * unigram, unigram + 0.15), (mlm_acc, unigram)  # measured: 0.319 vs 0.091
