@@ -236,12 +236,10 @@ def run(args: argparse.Namespace) -> dict:
                 elapsed = max(progress.format_dict["elapsed"], 1e-9)
                 progress.set_postfix(docs_per_s=f"{counts['docs_in'] / elapsed:,.0f}", refresh=False)
     except (sources.InputError, segmentation.SegmentationError) as e:
-        for w in [*word_writers.values(), *writers.values()]:
-            (w.close if isinstance(w, word_boundaries.WordFlagsWriter) else w.abort)()
+        _abort(writers, word_writers)
         raise SystemExit(f"error: {e}") from None
     except BaseException:
-        for w in [*word_writers.values(), *writers.values()]:
-            (w.close if isinstance(w, word_boundaries.WordFlagsWriter) else w.abort)()
+        _abort(writers, word_writers)
         raise
     finally:
         if progress is not None:
@@ -304,6 +302,14 @@ def run(args: argparse.Namespace) -> dict:
     # the bookkeeping identity the summary promises: nothing vanishes silently
     assert summary["docs_in"] == docs_written + sum(summary["docs_skipped"].values()), summary
     return summary
+
+
+def _abort(writers: dict[str, IndexedDatasetWriter], word_writers: dict[str, word_boundaries.WordFlagsWriter]) -> None:
+    """Remove everything written so far (a .words file is closed first: its shard's writer removes it)."""
+    for w in word_writers.values():
+        w.close()
+    for w in writers.values():
+        w.abort()
 
 
 def _progress(total_bytes: int, mode: str):

@@ -216,6 +216,18 @@ def test_a_user_dictionary_without_a_segmenter_is_an_error(zh, tmp_path):
     assert proc.returncode != 0 and "--user-dict needs --word-segmenter jieba" in proc.stderr
 
 
+def test_a_failed_segmented_run_leaves_no_files_and_the_previous_shard_intact(zh, tmp_path):
+    prefix = copy_shard(zh["shard"], tmp_path / "shard")
+    before = {ext: Path(f"{prefix}.{ext}").read_bytes() for ext in ("bin", "idx", "words", "json")}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "好的。很好。"}\n{"text": \n', encoding="utf-8")
+    proc = run_module("data_tools.preprocess", "--input", zh["sample"], bad, "--tokenizer", zh["hf"], "--output-prefix", prefix,
+                      "--workers", "1", "--word-segmenter", "jieba", check=False)
+    assert proc.returncode != 0 and "bad.jsonl" in proc.stderr
+    assert {ext: Path(f"{prefix}.{ext}").read_bytes() for ext in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "shard.bin", "shard.idx", "shard.json", "shard.words"]
+
+
 def test_merge_keeps_word_boundaries_byte_for_byte_and_inspect_verifies_them(zh, tmp_path):
     args = ["--input", zh["sample"], "--tokenizer", zh["hf"], "--workers", "1", "--word-segmenter", "jieba", "--user-dict", zh["user_dict"]]
     # small work units would be needed to split one 3 KB file; two files split the input instead

@@ -79,7 +79,8 @@ def codepoints(text: str) -> np.ndarray:
 
 def cjk_token_table(tokens: Sequence[str]) -> np.ndarray:
     """``table[id]`` is True for vocabulary entries that are one CJK character (the tokens Chinese text becomes)."""
-    return np.array([len(t) == 1 and bool(is_cjk_codepoint(np.array([ord(t)]))[0]) for t in tokens], dtype=bool)
+    single = np.fromiter((ord(t) if len(t) == 1 else 0 for t in tokens), np.uint32, len(tokens))
+    return is_cjk_codepoint(single)
 
 
 class WordFlagsWriter:
