@@ -345,7 +345,10 @@ class DataConfig:
     """Fraction of tokens selected for the masked-LM loss (80% [MASK], 10% random, 10% kept)."""
 
     whole_word_mask: bool = False
-    """Select whole words (a token plus its ``##`` continuations) instead of single tokens."""
+    """Select whole words (a token plus its ``##`` continuations) instead of single tokens; for
+    Chinese, the words a segmenter found (``data_tools.preprocess --word-segmenter jieba`` writes
+    them beside the shard as ``PREFIX.words``). A shard holding Chinese characters without them is
+    refused, naming it, rather than masked character by character."""
 
     max_predictions_per_seq: int = 0
     """Cap on masked positions per sequence. 0: derived, see :meth:`max_predictions`."""

@@ -13,9 +13,10 @@ import sys
 
 import numpy as np
 
+from bert_ds.data import word_boundaries
 from bert_ds.data.indexed_dataset import IndexedDataset, IndexedDatasetError, bin_path, idx_path
 from bert_ds.data.metadata import MetadataError, read_metadata
-from bert_ds.data.vocab import TokenizerError, load_tokenizer
+from bert_ds.data.vocab import TokenizerError, load_tokenizer, vocab_sha256, vocab_tokens
 
 # sentence-length histogram bucket edges, in tokens
 _EDGES = [0, 8, 16, 32, 64, 128, 256, 512]
@@ -53,7 +54,7 @@ def _stats(values: np.ndarray) -> dict:
 
 
 def verify(ds: IndexedDataset, meta: dict) -> list[str]:
-    """Whole-file checks; returns what was checked. Raises IndexedDatasetError on a problem."""
+    """Whole-file checks; returns what was checked. Raises IndexedDatasetError or WordBoundaryError on a problem."""
     vocab_size = meta.get("tokenizer", {}).get("vocab_size")
     ds.verify(vocab_size=vocab_size)
     checked = ["header", "file sizes", "pointers", "document indices"] + (["token ids < vocab size"] if vocab_size else [])
@@ -64,13 +65,31 @@ def verify(ds: IndexedDataset, meta: dict) -> list[str]:
             if actual.get(key) != value:
                 raise IndexedDatasetError(f"{ds.prefix}.json: metadata says {value} {key}, the shard has {actual.get(key)}")
         checked.append("metadata counts")
+    seg = meta.get(word_boundaries.METADATA_KEY) or {}
+    tokens = _vocab_tokens(meta)
+    if isinstance(seg.get("cjk_tokens"), int) and tokens is not None:
+        found = word_boundaries.count_cjk_tokens(ds.tokens, word_boundaries.cjk_token_table(tokens))
+        if found != seg["cjk_tokens"]:
+            raise IndexedDatasetError(f"{ds.prefix}.json: metadata says {seg['cjk_tokens']} Chinese character tokens, the shard has {found}")
+        checked.append("CJK token count")
+    checked += word_boundaries.verify(ds, meta, tokens)
     return checked
+
+
+def _vocab_tokens(meta: dict) -> list[str] | None:
+    """The vocabulary recorded in the metadata, in id order, when its directory is still there and unchanged."""
+    info = meta.get("tokenizer") or {}
+    try:
+        tok = load_tokenizer(info["path"])
+    except (KeyError, TokenizerError):
+        return None
+    return vocab_tokens(tok) if vocab_sha256(tok) == info.get("vocab_sha256") else None
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prefix", help="shard prefix (PREFIX.bin / PREFIX.idx)")
-    p.add_argument("--verify", action="store_true", help="check the whole file pair (and the metadata counts)")
+    p.add_argument("--verify", action="store_true", help="check the whole file pair, the metadata counts and the word boundaries (PREFIX.words)")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     p.add_argument("--samples", type=int, default=2, help="decoded sample documents to print")
     p.add_argument("--tokenizer", help="tokenizer dir for decoding (default: the one in the metadata)")
@@ -82,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = summarize(ds)
         if args.verify:
             summary["verified"] = verify(ds, meta)
-    except (IndexedDatasetError, MetadataError) as e:
+    except (IndexedDatasetError, MetadataError, word_boundaries.WordBoundaryError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
         print(json.dumps(summary))

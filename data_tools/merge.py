@@ -4,7 +4,9 @@
 
 Shards written by ``preprocess --shard-index i --num-shards n`` and merged in order give
 the bytes of a single run. Held-out companions (``PREFIX_valid``) are merged too when
-every input has one. Metadata counts are summed and the inputs recorded.
+every input has one. Metadata counts are summed and the inputs recorded. Word boundaries
+(``PREFIX.words``, from ``preprocess --word-segmenter``) are concatenated too: the inputs must all
+have them, made by the same segmenter, version and user dictionaries, or all lack them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 from pathlib import Path
 
 from bert_ds import __version__
-from bert_ds.data.indexed_dataset import IndexedDatasetError, merge_datasets
+from bert_ds.data import word_boundaries
+from bert_ds.data.indexed_dataset import IndexedDataset, IndexedDatasetError, merge_datasets
 from bert_ds.data.metadata import read_metadata
 from data_tools.preprocess import valid_prefix
 
@@ -34,8 +37,36 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
         "sources": [s for m in metas for s in m.get("sources", [])],
         "merged_from": [str(p) for p in inputs],
     }
-    ds = merge_datasets(inputs, output_prefix, metadata if base else None)
+    sidecars = {}
+    segmentation = _merged_segmentation(inputs, metas)
+    if segmentation is not None:
+        metadata[word_boundaries.METADATA_KEY] = segmentation
+        if segmentation.get("segmenter") != word_boundaries.NO_SEGMENTER:
+            sizes = [IndexedDataset(p).num_tokens for p in inputs]
+            sidecars[word_boundaries.words_path(output_prefix)] = lambda out: word_boundaries.write_concatenation(inputs, sizes, out)
+    ds = merge_datasets(inputs, output_prefix, metadata if base else None, sidecars=sidecars)
+    if not sidecars:
+        word_boundaries.words_path(output_prefix).unlink(missing_ok=True)  # a leftover under this prefix describes other data
     return {"output_prefix": output_prefix, "documents": ds.num_documents, "sentences": ds.num_sequences, "tokens": ds.num_tokens}
+
+
+def _merged_segmentation(inputs: list[str], metas: list[dict]) -> dict | None:
+    """The merged ``word_segmentation`` metadata (counts summed); None when no input records one."""
+    segs = [m.get(word_boundaries.METADATA_KEY) for m in metas]
+    if all(s is None for s in segs):
+        return None
+    # a shard without the entry (older bert-ds, Megatron) counts as unsegmented, with an unknown CJK count
+    identity = [{k: v for k, v in (s or {"segmenter": word_boundaries.NO_SEGMENTER}).items() if k not in ("cjk_tokens", "continuations")}
+                for s in segs]
+    if any(i != identity[0] for i in identity):
+        raise IndexedDatasetError("cannot merge shards with different word segmentations: " + "; ".join(
+            f"{p}: {i}" for p, i in zip(inputs, identity, strict=True)))
+    merged = dict(identity[0])
+    for key in ("cjk_tokens", "continuations"):
+        values = [(s or {}).get(key) for s in segs]
+        if all(isinstance(v, int) for v in values):
+            merged[key] = sum(values)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         valid_inputs = [valid_prefix(i) for i in args.inputs]
         if all(Path(f"{v}.idx").exists() for v in valid_inputs):
             results.append(merge(valid_inputs, valid_prefix(args.output_prefix)))
-    except (IndexedDatasetError, ValueError) as e:
+    except (IndexedDatasetError, ValueError) as e:  # WordBoundaryError is a ValueError
         raise SystemExit(f"error: {e}") from None
     for r in results:
         print(f"{r['output_prefix']}: {r['documents']:,} documents, {r['sentences']:,} sentences, {r['tokens']:,} tokens", file=sys.stderr)

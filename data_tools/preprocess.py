@@ -6,6 +6,9 @@
 Writes PREFIX.bin/.idx/.json (and PREFIX_valid.* with --valid-fraction or --valid-input).
 The last stdout line is a JSON summary; input documents = written + skipped (by reason).
 
+Chinese whole-word masking: ``--word-segmenter jieba`` (optionally ``--user-dict FILE``) also writes
+PREFIX.words, which CJK tokens continue a segmented word (``bert_ds.data.word_boundaries``).
+
 SLURM job arrays: ``--shard-index $SLURM_ARRAY_TASK_ID --num-shards N`` makes each task
 take a contiguous, disjoint part of the input; ``python -m data_tools.merge`` joins them
 into the same bytes a single run writes.
@@ -28,9 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bert_ds import __version__
+from bert_ds.data import word_boundaries
 from bert_ds.data.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
-from bert_ds.data.vocab import TokenizerError, load_tokenizer, tokenizer_info
-from data_tools import sources
+from bert_ds.data.vocab import TokenizerError, load_tokenizer, tokenizer_info, vocab_tokens
+from data_tools import segmentation, sources
 from data_tools.text import document_sentences, normalize_document
 from data_tools.tokenizer import SentenceEncoder
 
@@ -45,6 +49,7 @@ class Options:
     valid_fraction: float = 0.0
     drop_short_docs: bool = False
     seed: int = 1234
+    segmenter: segmentation.SegmenterSpec = segmentation.SegmenterSpec()
 
 
 @dataclass
@@ -54,6 +59,8 @@ class SplitArrays:
     tokens: np.ndarray
     sentence_lengths: np.ndarray
     doc_sentence_counts: np.ndarray
+    word_continues: np.ndarray | None = None
+    """One flag per token with --word-segmenter: it continues a segmented Chinese word."""
 
 
 @dataclass
@@ -74,6 +81,9 @@ def _init_worker(tokenizer_dir: str, options: Options) -> None:
     _worker_state["encoder"] = SentenceEncoder(tok)
     _worker_state["dtype"] = token_dtype_for_vocab(tok.get_vocab_size(with_added_tokens=True))
     _worker_state["options"] = options
+    _worker_state["is_cjk_token"] = word_boundaries.cjk_token_table(vocab_tokens(tok))
+    if options.segmenter.enabled:
+        _worker_state["segmented"] = segmentation.SegmentedEncoder(_worker_state["encoder"], options.segmenter.build())
 
 
 def _in_valid_split(text: str, options: Options) -> bool:
@@ -104,7 +114,11 @@ def process_unit(unit: sources.WorkUnit) -> UnitResult:
     for split, doc_list in docs.items():
         if not doc_list:
             continue
-        tokens, lengths = encoder.encode([s for sentences in doc_list for s in sentences])
+        sentences = [s for sentences in doc_list for s in sentences]
+        if options.segmenter.enabled:
+            tokens, lengths, continues = _worker_state["segmented"].encode(sentences)
+        else:
+            (tokens, lengths), continues = encoder.encode(sentences), None
         num_docs = len(doc_list)
         doc_of_sentence = np.repeat(np.arange(num_docs), np.fromiter(map(len, doc_list), np.int64, num_docs))
         # a sentence of only characters the tokenizer deletes (control characters) has no tokens
@@ -120,13 +134,16 @@ def process_unit(unit: sources.WorkUnit) -> UnitResult:
             result.counts["docs_with_one_sentence"] += int(np.count_nonzero(one_sentence))
             keep_doc = ~empty_doc
         keep_sentence = nonempty & keep_doc[doc_of_sentence]
-        tokens = tokens[np.repeat(keep_sentence, lengths)]
+        keep_token = np.repeat(keep_sentence, lengths)
+        tokens = tokens[keep_token]
         result.counts[f"docs_{split}"] += int(np.count_nonzero(keep_doc))
         result.counts["sentences"] += int(np.count_nonzero(keep_sentence))
         result.counts["tokens"] += len(tokens)
+        result.counts[f"cjk_tokens_{split}"] += int(np.count_nonzero(_worker_state["is_cjk_token"][tokens]))
         if keep_doc.any():
             result.splits[split] = SplitArrays(
-                tokens.astype(dtype), lengths[keep_sentence].astype(np.int32), sentences_per_doc[keep_doc].astype(np.int64)
+                tokens.astype(dtype), lengths[keep_sentence].astype(np.int32), sentences_per_doc[keep_doc].astype(np.int64),
+                None if continues is None else continues[keep_token],
             )
     return result
 
@@ -163,7 +180,14 @@ def run(args: argparse.Namespace) -> dict:
         info = tokenizer_info(args.tokenizer)
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from None
-    options = Options(text_key=args.text_key, valid_fraction=args.valid_fraction, drop_short_docs=args.drop_short_docs, seed=args.seed)
+    try:
+        segmenter = segmentation.SegmenterSpec(args.word_segmenter, tuple(map(segmentation.read_user_dictionary, args.user_dict or [])))
+        if segmenter.enabled:
+            segmentation.check_tokenizer(SentenceEncoder(load_tokenizer(args.tokenizer)))
+    except segmentation.SegmentationError as e:
+        raise SystemExit(f"error: {e}") from None
+    options = Options(text_key=args.text_key, valid_fraction=args.valid_fraction, drop_short_docs=args.drop_short_docs, seed=args.seed,
+                      segmenter=segmenter)
     if not 0 <= args.valid_fraction < 1:
         raise SystemExit(f"error: --valid-fraction must be in [0, 1), got {args.valid_fraction}")
     if not 0 <= args.shard_index < args.num_shards:
@@ -191,9 +215,11 @@ def run(args: argparse.Namespace) -> dict:
     prefixes = {"train": args.output_prefix, "valid": valid_prefix(args.output_prefix)}
     want_valid = args.valid_fraction > 0 or bool(args.valid_input)
     dtype = token_dtype_for_vocab(info.vocab_size)
-    writers = {"train": IndexedDatasetWriter(prefixes["train"], dtype)}
-    if want_valid:
-        writers["valid"] = IndexedDatasetWriter(prefixes["valid"], dtype)
+    splits = ["train", "valid"] if want_valid else ["train"]
+    sidecars = {s: [word_boundaries.words_path(prefixes[s])] if segmenter.enabled else [] for s in splits}
+    writers = {s: IndexedDatasetWriter(prefixes[s], dtype, sidecars=sidecars[s]) for s in splits}
+    # the .words files are members of their shard's unit: written under the writer's temporary name
+    word_writers = {s: word_boundaries.WordFlagsWriter(writers[s].temp_path(p)) for s in splits for p in sidecars[s]}
     counts: Counter = Counter()
     skipped: Counter = Counter()
     progress = _progress(total_bytes, args.progress)
@@ -201,26 +227,30 @@ def run(args: argparse.Namespace) -> dict:
         for result in _ordered_map(units, args.workers, args.tokenizer, options):
             for split, arrays in result.splits.items():
                 writers[split].add_documents(arrays.tokens, arrays.sentence_lengths, arrays.doc_sentence_counts)
+                if arrays.word_continues is not None:
+                    word_writers[split].add(arrays.word_continues)
             counts.update(result.counts)
             skipped.update(result.skipped)
             if progress is not None:
                 progress.update(result.bytes_in)
                 elapsed = max(progress.format_dict["elapsed"], 1e-9)
                 progress.set_postfix(docs_per_s=f"{counts['docs_in'] / elapsed:,.0f}", refresh=False)
-    except sources.InputError as e:
-        for w in writers.values():
-            w.abort()
+    except (sources.InputError, segmentation.SegmentationError) as e:
+        _abort(writers, word_writers)
         raise SystemExit(f"error: {e}") from None
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        _abort(writers, word_writers)
         raise
     finally:
         if progress is not None:
             progress.close()
 
     for split, writer in writers.items():
-        # .bin, .idx and this metadata appear together (the .json last): a crash never leaves a stale .json
+        seg_meta = {**segmenter.metadata(), "cjk_tokens": counts[f"cjk_tokens_{split}"]}
+        if split in word_writers:
+            word_writers[split].close()
+            seg_meta["continuations"] = word_writers[split].num_continuations
+        # .bin, .idx (.words) and this metadata appear together (the .json last): a crash never leaves a stale .json
         writer.finalize({
             "format": "megatron-indexed-dataset",
             "format_version": 1,
@@ -237,9 +267,14 @@ def run(args: argparse.Namespace) -> dict:
                 "valid_fraction": args.valid_fraction,
                 "drop_short_docs": args.drop_short_docs,
                 "seed": args.seed,
-                "sentence_splitter": "data_tools.text v1",
+                "sentence_splitter": "data_tools.text v2",
             },
+            word_boundaries.METADATA_KEY: seg_meta,
         })
+        if not segmenter.enabled:
+            # a .words of an earlier run under this prefix would describe other data (it is never read: the new
+            # .json records no segmentation; removed so no one is misled)
+            word_boundaries.words_path(prefixes[split]).unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     docs_written = counts["docs_train"] + counts["docs_valid"]
     summary = {
@@ -255,6 +290,8 @@ def run(args: argparse.Namespace) -> dict:
         "files_skipped": files_skipped,
         "sentences": counts["sentences"],
         "tokens": counts["tokens"],
+        "word_segmenter": segmenter.name,
+        "word_continuations": sum(w.num_continuations for w in word_writers.values()),
         "bytes_in": total_bytes,
         "seconds": round(seconds, 3),
         "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 3),
@@ -265,6 +302,14 @@ def run(args: argparse.Namespace) -> dict:
     # the bookkeeping identity the summary promises: nothing vanishes silently
     assert summary["docs_in"] == docs_written + sum(summary["docs_skipped"].values()), summary
     return summary
+
+
+def _abort(writers: dict[str, IndexedDatasetWriter], word_writers: dict[str, word_boundaries.WordFlagsWriter]) -> None:
+    """Remove everything written so far (a .words file is closed first: its shard's writer removes it)."""
+    for w in word_writers.values():
+        w.close()
+    for w in writers.values():
+        w.abort()
 
 
 def _progress(total_bytes: int, mode: str):
@@ -289,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-short-docs", action="store_true", help="drop documents with one sentence (default: keep and count them)")
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable or binary files, listing them in the summary (default: stop)")
     p.add_argument("--seed", type=int, default=1234, help="key of the held-out split's document hash")
+    p.add_argument("--word-segmenter", choices=segmentation.SEGMENTERS, default=segmentation.NO_SEGMENTER,
+                   help="jieba: also write PREFIX.words (which Chinese characters continue a word) for Chinese whole-word masking")
+    p.add_argument("--user-dict", action="append", metavar="FILE",
+                   help="jieba user dictionary ('word [freq] [tag]' per line, UTF-8) for domain terms; repeatable; needs --word-segmenter jieba")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bar on stderr (auto: only on a terminal)")
     return p
 

@@ -30,6 +30,38 @@ def test_split_sentences(paragraph, expected):
     assert split_sentences(paragraph) == expected
 
 
+# Shapes found in zh-fortunes and zh-debian-reference (reworded here): each of the first five was cut wrongly before
+@pytest.mark.parametrize(
+    "paragraph, expected",
+    [
+        # ASCII closing bracket after 。 (zh-debian-reference: 13 sentences that were a lone ")")
+        ("(发布时会省略部分格式。)然后继续阅读。", ["(发布时会省略部分格式。)", "然后继续阅读。"]),
+        # closing title mark and a space before the closing quote
+        ("殊異乎公路。》 《詩經》彼汾一方。", ["殊異乎公路。》", "《詩經》彼汾一方。"]),
+        ("连续发生的奇迹。 」 -- 《日常》", ["连续发生的奇迹。 」", "-- 《日常》"]),
+        # what follows cannot start a sentence: the mark ended a parenthesis or a quote, not the sentence
+        ("设置 “multiple”（危险！），从而加速硬盘访问。", ["设置 “multiple”（危险！），从而加速硬盘访问。"]),
+        ("请在这种前提下阅读下列内容。）。下一句。", ["请在这种前提下阅读下列内容。）。", "下一句。"]),
+        # an ASCII quote closes when one is open in the line, and opens the next sentence otherwise
+        ('言："李君令我目愈，谢以一豚。" 目痛小疾。', ['言："李君令我目愈，谢以一豚。"', "目痛小疾。"]),
+        ('挂载位置。"/dev/sda" 指向设备。', ["挂载位置。", '"/dev/sda" 指向设备。']),
+        # full-width quotes and brackets after the mark, Latin text after it
+        ("他问：“几点开始？”秘书回答。Debian 很稳定。", ["他问：“几点开始？”", "秘书回答。", "Debian 很稳定。"]),
+        # ；joins the halves of a parallel sentence, … is a pause: neither ends a sentence inside a line
+        ("欲做精金美玉的人品，定从烈火中煅来； 思立掀天揭地的事功，须向薄冰上履过。",
+         ["欲做精金美玉的人品，定从烈火中煅来； 思立掀天揭地的事功，须向薄冰上履过。"]),
+        ("这个…我们研究的是原理……我的计算机没有问题。", ["这个…我们研究的是原理……我的计算机没有问题。"]),
+    ],
+)
+def test_split_chinese_sentences(paragraph, expected):
+    assert split_sentences(paragraph) == expected
+
+
+def test_an_ascii_quote_count_restarts_on_every_line():
+    # the odd quote of line 1 must not make line 2's quote a closing one
+    assert document_sentences('他说"好\n结束。"下一句" 在这里。') == ['他说"好', "结束。", '"下一句" 在这里。']
+
+
 def test_lines_are_paragraphs_and_end_sentences():
     assert document_sentences("First line\nSecond one. Third.\n\n  \nLast") == ["First line", "Second one.", "Third.", "Last"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 
@@ -83,16 +83,20 @@ class IndexedDatasetWriter:
     """Streams documents into ``PREFIX.bin`` / ``PREFIX.idx`` (and ``PREFIX.json`` with :meth:`finalize`'s metadata).
 
     Use as a context manager, or call :meth:`finalize`; the files appear only then, together.
+    ``sidecars`` are further files of the same unit (e.g. ``bert_ds.data.word_boundaries``' ``PREFIX.words``):
+    the caller writes each to :meth:`temp_path` before :meth:`finalize`, which commits them with the pair,
+    before the ``.json``.
     """
 
-    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type, sidecars: Sequence[str | os.PathLike] = ()):
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype)
         DTypeCode.of(self.dtype)  # reject dtypes the format has no code for
         self.num_sequences = 0
         self.num_documents = 0
         self.num_tokens = 0
-        self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix), metadata_path(self.prefix)])
+        self._sidecars = [Path(p) for p in sidecars]
+        self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix), *self._sidecars, metadata_path(self.prefix)])
         self._bin_partial = self._unit.temp(bin_path(self.prefix))
         self._lengths_spool = Path(f"{self.prefix}.lengths.partial")
         self._docs_spool = Path(f"{self.prefix}.docs.partial")
@@ -102,6 +106,10 @@ class IndexedDatasetWriter:
 
     def __enter__(self) -> IndexedDatasetWriter:
         return self
+
+    def temp_path(self, sidecar: str | os.PathLike) -> Path:
+        """Where to write ``sidecar`` (one of the constructor's) until :meth:`finalize` commits it."""
+        return self._unit.temp(sidecar)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -177,7 +185,7 @@ class IndexedDatasetWriter:
         json_path = metadata_path(self.prefix)
         if metadata is None:
             json_path.unlink(missing_ok=True)
-            self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix)])  # the same temporary names
+            self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix), *self._sidecars])  # the same temporary names
         else:
             counts = {"documents": self.num_documents, "sentences": self.num_sequences, "tokens": self.num_tokens}
             self._unit.temp(json_path).write_text(metadata_text({**metadata, "counts": counts}), encoding="utf-8")
@@ -312,10 +320,16 @@ class IndexedDataset:
                     )
 
 
-def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | os.PathLike, metadata: dict | None = None) -> IndexedDataset:
+def merge_datasets(
+    prefixes: Sequence[str | os.PathLike],
+    output_prefix: str | os.PathLike,
+    metadata: dict | None = None,
+    sidecars: Mapping[Path, Callable[[Path], None]] | None = None,
+) -> IndexedDataset:
     """Concatenate datasets in order; the result equals one dataset built from all their documents.
 
-    ``metadata`` (counts filled in) is committed with the merged pair as ``OUTPUT_PREFIX.json``.
+    ``metadata`` (counts filled in) is committed with the merged pair as ``OUTPUT_PREFIX.json``;
+    ``sidecars`` maps further files of the unit to a function that writes one to the temporary path it is given.
     """
     if not prefixes:
         raise ValueError("nothing to merge")
@@ -324,8 +338,11 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str | o
     if len(dtypes) != 1:
         names = ", ".join(f"{ds.prefix}: {ds.dtype}" for ds in datasets)
         raise IndexedDatasetError(f"cannot merge shards with different token dtypes ({names})")
-    writer = IndexedDatasetWriter(output_prefix, datasets[0].dtype)
+    sidecars = dict(sidecars or {})
+    writer = IndexedDatasetWriter(output_prefix, datasets[0].dtype, sidecars=list(sidecars))
     try:
+        for path, write in sidecars.items():
+            write(writer.temp_path(path))
         for ds in datasets:
             for start in range(0, ds.num_documents, _MERGE_DOCS):
                 stop = min(start + _MERGE_DOCS, ds.num_documents)

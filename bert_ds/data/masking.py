@@ -9,9 +9,13 @@ The rules follow Google's ``create_pretraining_data.py``, vectorised with numpy:
   rounding half up.
 * words are drawn in random order and taken greedily while they fit the budget (a word
   that would overflow it is skipped, the scan goes on), exactly as Google's loop does; a
-  word is a single token unless whole-word masking joins WordPiece ``##`` pieces to it.
+  word is a single token unless whole-word masking joins WordPiece ``##`` pieces to it, and,
+  for Chinese, the characters a segmenter put in one word (``word_continues``, from the
+  shard's ``.words``; ``bert_ds.data.word_boundaries``). A word's length is its maskable
+  tokens: an [UNK] character inside a Chinese word is never predicted but does not split it.
 * each chosen position independently becomes [MASK] (80%), a random non-special token
-  (10%) or stays unchanged (10%).
+  (10%) or stays unchanged (10%): per token, also inside a whole word, as Google's
+  whole-word masking and HFL's Chinese-BERT-wwm do (and as this code did before Chinese words).
 * labels are the original ids at chosen positions and ``-100`` elsewhere (the ignore index
   of ``transformers``' ``BertForPreTraining``).
 
@@ -103,6 +107,7 @@ def mask_tokens(
     mask_prob: float,
     max_predictions: int,
     whole_word: bool = False,
+    word_continues: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Choose MLM targets in one sequence and corrupt them; the input is not modified.
 
@@ -113,6 +118,9 @@ def mask_tokens(
         mask_prob: share of candidate tokens to predict (0.15 for BERT, 0.30 for Mosaic BERT).
         max_predictions: cap on predicted positions per sequence.
         whole_word: mask every ``##`` piece together with the word it continues.
+        word_continues: optional bool (seq_len,): True where the token continues the segmented
+            (Chinese) word of the token before it; only read with ``whole_word``. Must be False on
+            [CLS], [SEP] and [PAD], so a word never spans them.
 
     Returns:
         ``(masked_ids, labels)``, both int64 (seq_len,); labels are -100 where not predicted.
@@ -137,7 +145,17 @@ def mask_tokens(
         #   candidate  [0, 1, 1, 1, 0, 1, 1, 0, 0]
         #   word start [0, 1, 0, 0, 0, 1, 1, 0, 0]  -> words [1, 2, 3], [5], [6]
         prev_candidate = np.concatenate(([False], candidate[:-1]))
-        starts = ~(vocab.is_continuation[input_ids[cand_pos]] & prev_candidate[cand_pos])
+        if word_continues is None:
+            starts = ~(vocab.is_continuation[input_ids[cand_pos]] & prev_candidate[cand_pos])
+        else:
+            # Chinese words link every position, [UNK] included, so a word restarts only where its
+            # segmenter said; words are then the runs of one link number among the candidates.
+            # e.g. [cls, 中, 国, [UNK], 人, sep, 民, sep] with word_continues [0, 0, 1, 0, 1, 0, 1, 0]
+            #   link number [1, 2, 2, 3, 3, 4, 4, 5] -> candidate words [1, 2], [4], [6]
+            # ([UNK] started a word: 人 joins it, not 国; 民 joins [SEP]'s number, so no word crosses it)
+            link = (vocab.is_continuation[input_ids] & prev_candidate) | np.asarray(word_continues, dtype=bool)
+            number = np.cumsum(~link)[cand_pos]
+            starts = np.concatenate(([True], number[1:] != number[:-1]))
         word_of = np.cumsum(starts) - 1  # word number of each candidate
         word_len = np.diff(np.append(np.flatnonzero(starts), num_candidates))
         chosen = np.zeros(word_len.size, dtype=bool)

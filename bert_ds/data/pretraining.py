@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bert_ds.config import RunConfig
+from bert_ds.config import ConfigError, RunConfig
+from bert_ds.data import word_boundaries
 from bert_ds.data.indexed_dataset import IndexedDataset
 from bert_ds.data.masking import MaskingVocab, continuation_table, mask_tokens
 from bert_ds.data.vocab import Vocab
@@ -177,6 +178,7 @@ class _Shard:
         # random-B documents: any with a sentence; an index list only if some are empty
         self.b_documents = None if nonempty.all() else np.flatnonzero(nonempty).astype(_index_dtype(len(nonempty)))
         self.num_samples = 0  # set by the blend
+        self.words: word_boundaries.WordFlags | None = None  # Chinese word boundaries, for whole-word masking
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _open(self) -> None:
@@ -256,6 +258,7 @@ class PretrainingDataset(Dataset):
         unk_id: int | None = None,
         weights: Sequence[float] | None = None,
         is_continuation: np.ndarray | None = None,
+        is_cjk_token: np.ndarray | None = None,
         short_seq_prob: float = 0.1,
         mask_prob: float = 0.15,
         whole_word_mask: bool = False,
@@ -278,9 +281,13 @@ class PretrainingDataset(Dataset):
             weights: blending weights, one per prefix; None weighs prefixes by their number of
                 anchors, which is the same as concatenating them.
             is_continuation: bool[vocab_size] marking ``##`` pieces; needed for whole-word masking.
+            is_cjk_token: bool[vocab_size] marking single CJK characters
+                (``word_boundaries.cjk_token_table``); with whole-word masking, a shard holding them
+                must have word boundaries (``PREFIX.words``) or the dataset refuses it.
             short_seq_prob: probability of a random target length in [2, max_seq_length - 3].
             mask_prob: share of non-special tokens to predict.
-            whole_word_mask: mask ``##`` pieces together with their word.
+            whole_word_mask: mask ``##`` pieces together with their word, and Chinese characters
+                together with their segmented word where the shard has ``PREFIX.words``.
             nsp_mode: "nsp" (B random half the time) or "sop" (A and B swapped half the time).
             num_samples: samples per epoch; None = the number of anchors over all prefixes.
         """
@@ -324,6 +331,10 @@ class PretrainingDataset(Dataset):
 
         self._shards = [_Shard(str(p), k, seed, self.max_num_tokens) for k, p in enumerate(prefix_list)]
         for shard in self._shards:
+            if whole_word_mask and is_cjk_token is not None:
+                shard.words = word_boundaries.for_whole_word_masking(shard.prefix, shard.tokens, is_cjk_token)
+            elif whole_word_mask and word_boundaries.segmentation_of(shard.prefix) is not None:
+                shard.words = word_boundaries.WordFlags(shard.prefix, len(shard.tokens))
             if shard.anchors.size == 0:
                 raise ValueError(f"{shard.prefix}: no document has 2 or more sentences, so no sentence pair can be built")
             if nsp_mode == "nsp" and shard.num_b_documents < 2:
@@ -392,6 +403,11 @@ class PretrainingDataset(Dataset):
         attention_mask = np.zeros(seq, dtype=np.int64)
         attention_mask[:end] = 1
 
+        word_continues = None
+        if shard.words is not None:  # [CLS], [SEP] and padding stay False: no word spans them
+            word_continues = np.zeros(seq, dtype=bool)
+            word_continues[1 : 1 + len_a] = shard.words.window(a_start, len_a)
+            word_continues[2 + len_a : end - 1] = shard.words.window(b_start, len_b)
         mask_rng = np.random.default_rng([_MASK_STREAM, self.seed, epoch, index])
         masked_ids, labels = mask_tokens(
             input_ids,
@@ -400,6 +416,7 @@ class PretrainingDataset(Dataset):
             mask_prob=self.mask_prob,
             max_predictions=self.max_predictions_per_seq,
             whole_word=self.whole_word_mask,
+            word_continues=word_continues,
         )
         return {
             "input_ids": torch.from_numpy(masked_ids),
@@ -461,12 +478,16 @@ class PretrainingDataset(Dataset):
 
 def _run_dataset(cfg: RunConfig, vocab: Vocab, prefixes: Sequence[str], mask_prob: float, weights=None, num_samples: int | None = None) -> PretrainingDataset:
     data = cfg.data
-    return PretrainingDataset(
-        prefixes, vocab_size=vocab.size, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pad_id=vocab.pad_id, mask_id=vocab.mask_id,
-        unk_id=vocab.unk_id, max_seq_length=data.max_seq_length, max_predictions_per_seq=data.max_predictions(mask_prob),
-        seed=cfg.seed, weights=weights, is_continuation=continuation_table(vocab.tokens), short_seq_prob=data.short_seq_prob,
-        mask_prob=mask_prob, whole_word_mask=data.whole_word_mask, nsp_mode=data.nsp_mode, num_samples=num_samples,
-    )
+    try:
+        return PretrainingDataset(
+            prefixes, vocab_size=vocab.size, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pad_id=vocab.pad_id, mask_id=vocab.mask_id,
+            unk_id=vocab.unk_id, max_seq_length=data.max_seq_length, max_predictions_per_seq=data.max_predictions(mask_prob),
+            seed=cfg.seed, weights=weights, is_continuation=continuation_table(vocab.tokens),
+            is_cjk_token=word_boundaries.cjk_token_table(vocab.tokens) if data.whole_word_mask else None, short_seq_prob=data.short_seq_prob,
+            mask_prob=mask_prob, whole_word_mask=data.whole_word_mask, nsp_mode=data.nsp_mode, num_samples=num_samples,
+        )
+    except word_boundaries.WordBoundaryError as e:  # the shards do not fit data.whole_word_mask: a setting to fix, not a crash
+        raise ConfigError(str(e)) from None
 
 
 def train_dataset(cfg: RunConfig, vocab: Vocab) -> PretrainingDataset:
