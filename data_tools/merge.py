@@ -74,11 +74,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inputs", nargs="+", required=True, help="shard prefixes, merged in this order")
     p.add_argument("--output-prefix", required=True)
     args = p.parse_args(argv)
+    valid_inputs = [valid_prefix(i) for i in args.inputs]
+    have_valid = [Path(f"{v}.idx").exists() for v in valid_inputs]
+    if any(have_valid) and not all(have_valid):
+        lacking = ", ".join(i for i, has in zip(args.inputs, have_valid, strict=True) if not has)
+        raise SystemExit(f"error: some inputs have a held-out part (PREFIX_valid) and {lacking} not: merging only some "
+                         "would misrepresent the held-out set; merge the _valid parts separately or give inputs that all have one")
     try:
         results = [merge(args.inputs, args.output_prefix)]
-        valid_inputs = [valid_prefix(i) for i in args.inputs]
-        if all(Path(f"{v}.idx").exists() for v in valid_inputs):
+        if all(have_valid):
             results.append(merge(valid_inputs, valid_prefix(args.output_prefix)))
+        else:  # no input has a held-out part: an old one under the output's name would be taken for this data's
+            stale = [p for p in Path(valid_prefix(args.output_prefix)).parent.glob(Path(valid_prefix(args.output_prefix)).name + ".*")
+                     if p.suffix in (".bin", ".idx", ".json", ".words")]
+            for path in sorted(stale, key=lambda p: p.suffix == ".json", reverse=True):  # the metadata first: it vouches for the rest
+                path.unlink()
+                print(f"removed {path}: a held-out part from an earlier run, not from these inputs", file=sys.stderr)
     except (IndexedDatasetError, ValueError) as e:  # WordBoundaryError is a ValueError
         raise SystemExit(f"error: {e}") from None
     for r in results:

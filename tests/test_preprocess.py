@@ -69,6 +69,19 @@ def test_one_and_two_workers_and_two_shards_merged_give_identical_bytes(corpus_d
     assert {k: two[k] for k in ("docs_in", "sentences", "tokens")} == {k: base[k] for k in ("docs_in", "sentences", "tokens")}
 
 
+def test_merge_never_leaves_a_held_out_part_that_is_not_these_inputs(corpus_dir, vocab_dir, tmp_path):
+    """merge skipped the _valid parts silently when not every input had one, and left an old OUTPUT_valid in place."""
+    preprocess(corpus_dir, vocab_dir, tmp_path / "a", "--valid-fraction", "0.1")
+    preprocess(corpus_dir, vocab_dir, tmp_path / "b")  # no held-out part
+    mixed = run_module("data_tools.merge", "--inputs", tmp_path / "a", tmp_path / "b", "--output-prefix", tmp_path / "m", check=False)
+    assert mixed.returncode != 0 and f"{tmp_path / 'b'} not" in mixed.stderr and not (tmp_path / "m.bin").exists()
+    run_module("data_tools.merge", "--inputs", tmp_path / "a", tmp_path / "a", "--output-prefix", tmp_path / "m")
+    assert (tmp_path / "m_valid.idx").exists()  # every input has one: merged
+    proc = run_module("data_tools.merge", "--inputs", tmp_path / "b", tmp_path / "b", "--output-prefix", tmp_path / "m")
+    assert not list(tmp_path.glob("m_valid.*")) and "removed" in proc.stderr  # the earlier run's held-out part is gone
+    assert IndexedDataset(tmp_path / "m").num_documents == 2 * IndexedDataset(tmp_path / "b").num_documents
+
+
 def test_valid_split_is_by_document_and_disjoint(corpus_dir, vocab_dir, tmp_path):
     summary, _ = preprocess(corpus_dir, vocab_dir, tmp_path / "d", "--valid-fraction", "0.2")
     train, valid = IndexedDataset(tmp_path / "d"), IndexedDataset(tmp_path / "d_valid")
