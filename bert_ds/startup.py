@@ -109,13 +109,13 @@ def start(cfg: RunConfig, env: MutableMapping[str, str] | None = None) -> RunCon
     # on CPU, starting the process group JIT-compiles a comm op (~1 min cold): done here, outside the deadlines below
     jit_ops.prebuild_comm_op()
     timeout = preflight.timeout_s(env)
-    addr, port = dist.set_rendezvous_address(ranks, env)
-    t0 = time.monotonic()
-    store = preflight.open_store(report, addr, port, timeout, env)
     if ranks.world_size == 1:
-        reports = {0: report}
+        store, reports = preflight.local_store(), {0: report}
         preflight.check_alone(report)
     else:
+        addr, port = dist.set_rendezvous_address(ranks, env)
+        t0 = time.monotonic()
+        store = preflight.open_store(report, addr, port, timeout, env)
         reports = preflight.rendezvous(report, store, timeout, env)
         log.info("preflight: all %d ranks reported in %.1f s", ranks.world_size, time.monotonic() - t0)
     # 4x the rendezvous wait: on hundreds of GPUs the first all-reduce includes NCCL's communicator setup

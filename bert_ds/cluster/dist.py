@@ -82,18 +82,14 @@ def slurm_master_addr(env: Mapping[str, str]) -> str | None:
 
 
 def set_rendezvous_address(info: RankInfo, env: MutableMapping[str, str]) -> tuple[str, int]:
-    """Fill in MASTER_ADDR / MASTER_PORT (explicit, or the first SLURM node; never an interface guess).
+    """Fill in MASTER_ADDR / MASTER_PORT for a job of several ranks (explicit, or the first SLURM node; never an interface guess).
 
     The start-up (``bert_ds.startup``) calls it once, before the preflight rendezvous, which the process group then reuses.
     """
     if env.get("MASTER_ADDR") == "":  # DeepSpeed would then guess one from `hostname -I`
-        del env["MASTER_ADDR"]
-        if info.source == "single":
-            raise DistributedSetupError("MASTER_ADDR is set but empty: unset it, or give the rendezvous address")
-    if info.source == "single":
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
-    elif "MASTER_ADDR" not in env:
+        raise DistributedSetupError(f"MASTER_ADDR is set but empty ({info.source} started {info.world_size} ranks): give the "
+                                    "rendezvous address (--master_addr, or export MASTER_ADDR)")
+    if "MASTER_ADDR" not in env:
         addr = slurm_master_addr(env) if info.source == "slurm" else None
         if addr is None:
             raise DistributedSetupError(
@@ -219,6 +215,8 @@ def init_process_group(ranks: RankInfo, device: torch.device, backend: str, stor
     its own. DeepSpeed's communication layer then wraps this group; its JIT comm op is built beforehand
     (``bert_ds.cluster.jit_ops``), outside any deadline.
     """
+    # DeepSpeed's engine reads LOCAL_RANK (and its launcher's ranks RANK, WORLD_SIZE) from the environment, whatever launched us
+    os.environ.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world_size), LOCAL_RANK=str(ranks.local_rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     import deepspeed

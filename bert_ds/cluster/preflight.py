@@ -243,6 +243,13 @@ _rendezvous_count = itertools.count()
 _stores: dict[tuple[str, int], object] = {}
 
 
+def local_store():
+    """A single process's store: in memory (it has no other rank to meet), so nothing listens on the network."""
+    from torch.distributed import HashStore
+
+    return HashStore()
+
+
 def open_store(report: dict, addr: str, port: int, timeout: float, env: Mapping[str, str]):
     """The job's rendezvous store (all ranks): rank 0 serves it on a socket bound to MASTER_ADDR only, the others connect.
 
