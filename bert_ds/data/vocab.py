@@ -162,6 +162,15 @@ def resolve_vocab(cfg: RunConfig) -> Vocab:
                 f"but {key} is {path} (sha256 {sha[:12]}, size {tok.get_vocab_size()}); "
                 f"re-run data_tools.preprocess --tokenizer {path}, or point {key} at the shards' tokenizer"
             )
+    size = tok.get_vocab_size(with_added_tokens=True)
+    for prefix, meta in metas.items():
+        # recorded when the shard was written; the dataset also checks every sample's ids as it reads them
+        top = meta.get("max_token_id") if meta else None
+        if top is not None and top >= size:
+            raise ConfigError(
+                f"{prefix}.json: the largest token id in the shard is {top}, outside the vocabulary of {key} {path} (size {size}); "
+                f"the shard does not match its metadata or this vocabulary (check it: python -m data_tools.inspect {prefix} --verify)"
+            )
     ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")}
     return Vocab(str(path), tok.get_vocab_size(with_added_tokens=True), sha, vocab_tokens(tok),
                  ids["[CLS]"], ids["[SEP]"], ids["[PAD]"], ids["[MASK]"], ids["[UNK]"])
