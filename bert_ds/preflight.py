@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from bert_ds.cluster import preflight
-from bert_ds.cluster.hostfile import HostfileError, read_hostfile
+from bert_ds.cluster.hostfile import HostfileError, host_name_problem, read_hostfile
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,8 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--master-addr", help="with --hostfile: the rendezvous address, which must resolve here")
     args, extra = p.parse_known_args(argv)
     if args.hostfile:
+        # the rendezvous address becomes a launcher argument on every host: a host name or an address, never an option
+        addr_problem = host_name_problem(args.master_addr) if args.master_addr is not None else None
         try:
-            problems = preflight.check_hostfile(args.hostfile, ssh=args.ssh, node_rank=args.node_rank, master_addr=args.master_addr)
+            problems = [f"MASTER_ADDR: {addr_problem}"] if addr_problem else []
+            problems += preflight.check_hostfile(args.hostfile, ssh=args.ssh, node_rank=args.node_rank,
+                                                 master_addr=None if addr_problem else args.master_addr)
         except HostfileError as e:
             problems = [str(e)]
         if problems:

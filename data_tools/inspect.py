@@ -56,8 +56,9 @@ def _stats(values: np.ndarray) -> dict:
 def verify(ds: IndexedDataset, meta: dict) -> list[str]:
     """Whole-file checks; returns what was checked. Raises IndexedDatasetError or WordBoundaryError on a problem."""
     vocab_size = meta.get("tokenizer", {}).get("vocab_size")
-    ds.verify(vocab_size=vocab_size)
-    checked = ["header", "file sizes", "pointers", "document indices"] + (["token ids < vocab size"] if vocab_size else [])
+    largest = ds.verify(vocab_size=vocab_size)
+    checked = ["header", "file sizes", "pointers", "document indices", "no empty sentence or document"]
+    checked += ["token ids < vocab size"] if vocab_size else []
     counts = meta.get("counts")
     if counts:
         actual = {"documents": ds.num_documents, "sentences": ds.num_sequences, "tokens": ds.num_tokens}
@@ -65,6 +66,10 @@ def verify(ds: IndexedDataset, meta: dict) -> list[str]:
             if actual.get(key) != value:
                 raise IndexedDatasetError(f"{ds.prefix}.json: metadata says {value} {key}, the shard has {actual.get(key)}")
         checked.append("metadata counts")
+    if "max_token_id" in meta:
+        if meta["max_token_id"] != largest:
+            raise IndexedDatasetError(f"{ds.prefix}.json: metadata says the largest token id is {meta['max_token_id']}, the shard's is {largest}")
+        checked.append("metadata largest token id")
     seg = meta.get(word_boundaries.METADATA_KEY) or {}
     tokens = _vocab_tokens(meta)
     if isinstance(seg.get("cjk_tokens"), int) and tokens is not None:

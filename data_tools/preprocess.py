@@ -50,6 +50,7 @@ class Options:
     drop_short_docs: bool = False
     seed: int = 1234
     segmenter: segmentation.SegmenterSpec = segmentation.SegmenterSpec()
+    max_document_bytes: int = sources.MAX_DOCUMENT_BYTES
 
 
 @dataclass
@@ -69,6 +70,7 @@ class UnitResult:
     counts: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     splits: dict[str, SplitArrays] = field(default_factory=dict)
+    too_long_at: list[str] = field(default_factory=list)
 
 
 # -- worker side -----------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def process_unit(unit: sources.WorkUnit) -> UnitResult:
     read_stats = sources.ReadStats()
     result = UnitResult(bytes_in=unit.size)
     docs: dict[str, list[list[str]]] = {"train": [], "valid": []}
-    for raw_text, invalid in sources.read_unit(unit, options.text_key, read_stats):
+    for raw_text, invalid in sources.read_unit(unit, options.text_key, read_stats, options.max_document_bytes):
         result.counts["docs_in"] += 1
         if invalid:
             result.counts["docs_with_invalid_utf8"] += 1
@@ -110,6 +112,10 @@ def process_unit(unit: sources.WorkUnit) -> UnitResult:
         split = "valid" if unit.split == "valid" or _in_valid_split(text, options) else "train"
         docs[split].append(sentences)
     result.counts["invalid_utf8_sequences"] = read_stats.invalid_utf8
+    # over the length cap: read (and counted as input) but never held, so skipped before anything else
+    result.counts["docs_in"] += read_stats.too_long
+    result.skipped["too_long"] += read_stats.too_long
+    result.too_long_at = read_stats.too_long_at
 
     for split, doc_list in docs.items():
         if not doc_list:
@@ -187,7 +193,9 @@ def run(args: argparse.Namespace) -> dict:
     except segmentation.SegmentationError as e:
         raise SystemExit(f"error: {e}") from None
     options = Options(text_key=args.text_key, valid_fraction=args.valid_fraction, drop_short_docs=args.drop_short_docs, seed=args.seed,
-                      segmenter=segmenter)
+                      segmenter=segmenter, max_document_bytes=args.max_document_bytes)
+    if args.max_document_bytes < 1:
+        raise SystemExit(f"error: --max-document-bytes must be >= 1, got {args.max_document_bytes}")
     if not 0 <= args.valid_fraction < 1:
         raise SystemExit(f"error: --valid-fraction must be in [0, 1), got {args.valid_fraction}")
     if not 0 <= args.shard_index < args.num_shards:
@@ -222,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     word_writers = {s: word_boundaries.WordFlagsWriter(writers[s].temp_path(p)) for s in splits for p in sidecars[s]}
     counts: Counter = Counter()
     skipped: Counter = Counter()
+    too_long_at: list[str] = []
     progress = _progress(total_bytes, args.progress)
     try:
         for result in _ordered_map(units, args.workers, args.tokenizer, options):
@@ -231,6 +240,7 @@ def run(args: argparse.Namespace) -> dict:
                     word_writers[split].add(arrays.word_continues)
             counts.update(result.counts)
             skipped.update(result.skipped)
+            too_long_at.extend(result.too_long_at[: 5 - len(too_long_at)])
             if progress is not None:
                 progress.update(result.bytes_in)
                 elapsed = max(progress.format_dict["elapsed"], 1e-9)
@@ -267,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
                 "valid_fraction": args.valid_fraction,
                 "drop_short_docs": args.drop_short_docs,
                 "seed": args.seed,
+                "max_document_bytes": args.max_document_bytes,
                 "sentence_splitter": "data_tools.text v2",
             },
             word_boundaries.METADATA_KEY: seg_meta,
@@ -282,7 +293,9 @@ def run(args: argparse.Namespace) -> dict:
         "docs_written": docs_written,
         "docs_written_train": counts["docs_train"],
         "docs_written_valid": counts["docs_valid"],
-        "docs_skipped": {"empty": skipped["empty"], "one_sentence": skipped["one_sentence"]},
+        "docs_skipped": {"empty": skipped["empty"], "one_sentence": skipped["one_sentence"], "too_long": skipped["too_long"]},
+        "too_long_examples": too_long_at,
+        "max_document_bytes": args.max_document_bytes,
         "docs_with_one_sentence_kept": counts["docs_with_one_sentence"],
         "docs_with_invalid_utf8": counts["docs_with_invalid_utf8"],
         "invalid_utf8_sequences_replaced": counts["invalid_utf8_sequences"],
@@ -332,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", default="text", help="JSON key / column holding the text (JSONL, parquet, datasets)")
     p.add_argument("--one-doc-per-line", action="store_true", help="plain text: each line is a document (default: blank lines separate documents)")
     p.add_argument("--drop-short-docs", action="store_true", help="drop documents with one sentence (default: keep and count them)")
+    p.add_argument("--max-document-bytes", type=int, default=sources.MAX_DOCUMENT_BYTES,
+                   help="skip (and count) documents longer than this many bytes; with --one-doc-per-line and JSONL, lines "
+                        f"(default: {sources.MAX_DOCUMENT_BYTES:,})")
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable or binary files, listing them in the summary (default: stop)")
     p.add_argument("--seed", type=int, default=1234, help="key of the held-out split's document hash")
     p.add_argument("--word-segmenter", choices=segmentation.SEGMENTERS, default=segmentation.NO_SEGMENTER,
@@ -356,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{summary['bytes_in'] / 1e6:.1f} MB in {summary['seconds']:.1f} s ({summary['mb_per_s']:.2f} MB/s)",
         file=sys.stderr,
     )
+    if summary["docs_skipped"]["too_long"]:
+        print(f"skipped {summary['docs_skipped']['too_long']:,} document(s) longer than --max-document-bytes "
+              f"{summary['max_document_bytes']:,} (first at: {'; '.join(summary['too_long_examples'])}); a plain-text file "
+              "without blank lines is one document: if each line is a document, pass --one-doc-per-line", file=sys.stderr)
     if summary["files_skipped"]:
         print(f"skipped {len(summary['files_skipped'])} unreadable file(s): " + "; ".join(f["reason"] for f in summary["files_skipped"]), file=sys.stderr)
     if summary["invalid_utf8_sequences_replaced"]:

@@ -10,6 +10,12 @@ Plain text and plain JSONL are cut by byte ranges: a unit owns every document th
 *starts* inside its range (a document that crosses the end is read to its end; the next
 unit skips it). Compressed files, parquet row groups and Hugging Face dataset row ranges
 are units of their own.
+
+Hostile inputs stay linear and flat: a document (a line, where every line is one) longer
+than ``max_document_bytes`` is skipped and counted (``ReadStats.too_long``), never held whole;
+a unit looks for its first line only inside its own range and looks back at most one cap's
+worth of bytes (to tell whether the line before it is blank), so a 1 GB line or a file
+without blank lines is read about once, not once per unit.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Nominal size of a text work unit: small enough to balance 2+ workers on a 10 MB corpus,
@@ -27,6 +34,13 @@ from pathlib import Path
 # (BERT_DS_UNIT_BYTES overrides it: tests use tiny units to exercise unit boundaries)
 UNIT_BYTES = int(os.environ.get("BERT_DS_UNIT_BYTES", 1 << 20))
 HF_UNIT_ROWS = 10_000
+# A document longer than this (in UTF-8 bytes; a line, where each line is a document) is skipped and counted:
+# no real document comes near it, and one worker would hold it whole. `preprocess --max-document-bytes` sets it.
+MAX_DOCUMENT_BYTES = 8 << 20
+# bytes read at a time when looking for the end of a line
+_SCAN_BYTES = 1 << 16
+# at most this many skipped documents are named (file and byte offset or row) in the summary
+_EXAMPLES = 5
 # a NUL byte in the first block marks a binary file (the same heuristic as git and grep)
 _BINARY_PROBE_BYTES = 8192
 
@@ -48,6 +62,13 @@ class WorkUnit:
 @dataclass
 class ReadStats:
     invalid_utf8: int = 0  # invalid byte sequences replaced by U+FFFD
+    too_long: int = 0  # documents over the length cap, skipped
+    too_long_at: list[str] = field(default_factory=list)  # where the first few of them start
+
+    def skip_too_long(self, path: str, where: int | str) -> None:
+        self.too_long += 1
+        if len(self.too_long_at) < _EXAMPLES:
+            self.too_long_at.append(f"{path} {where if isinstance(where, str) else f'byte {where}'}")
 
 
 # -- discovery -------------------------------------------------------------------------------
@@ -202,19 +223,25 @@ class _Utf8Decoder:
         return "".join(pieces), bad
 
 
-def read_unit(unit: WorkUnit, text_key: str, stats: ReadStats) -> Iterator[tuple[str, int]]:
-    """Yield (document text, invalid UTF-8 sequences in it) for every document the unit owns."""
+def read_unit(unit: WorkUnit, text_key: str, stats: ReadStats, max_document_bytes: int | None = None) -> Iterator[tuple[str, int]]:
+    """Yield (document text, invalid UTF-8 sequences in it) for every document the unit owns.
+
+    Documents longer than ``max_document_bytes`` (default :data:`MAX_DOCUMENT_BYTES`) are counted in
+    ``stats.too_long`` instead; reading one never holds more than that many bytes of it."""
+    limit = MAX_DOCUMENT_BYTES if max_document_bytes is None else max_document_bytes
+    if limit < 1:
+        raise ValueError(f"max_document_bytes must be >= 1, got {limit}")
     decode = _Utf8Decoder(stats)
     kind = unit.kind
     if kind == "hf":
-        yield from _read_hf(unit, text_key)
+        yield from _capped_rows(unit, _read_hf(unit, text_key), limit, stats)
     elif kind == "parquet":
-        yield from _read_parquet(unit, text_key)
+        yield from _capped_rows(unit, _read_parquet(unit, text_key), limit, stats)
     elif kind in ("text", "text.gz"):
-        for raw in _text_documents(unit):
+        for raw in _text_documents(unit, limit, stats):
             yield decode(raw)
     else:  # lines, jsonl (plain or gz): one document per line
-        for line_start, raw in _lines(unit):
+        for line_start, raw in _lines(unit, limit, stats):
             if kind.startswith("jsonl"):
                 text, bad = decode(raw)
                 yield _json_text(unit, line_start, text, text_key), bad
@@ -222,76 +249,148 @@ def read_unit(unit: WorkUnit, text_key: str, stats: ReadStats) -> Iterator[tuple
                 yield decode(raw)
 
 
+def _capped_rows(unit: WorkUnit, rows: Iterator[tuple[str, int]], limit: int, stats: ReadStats) -> Iterator[tuple[str, int]]:
+    for row, (text, bad) in enumerate(rows, start=unit.start if unit.kind == "hf" else 0):
+        # a character is at most 4 bytes: only long texts are encoded to be measured
+        if len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
+            where = f"row {row}" if unit.kind == "hf" else f"row group {unit.start} row {row}"
+            stats.skip_too_long(unit.path, where)
+            continue
+        yield text, bad
+
+
 def _open(unit: WorkUnit):
     return gzip.open(unit.path, "rb") if unit.kind.endswith(".gz") else open(unit.path, "rb")
 
 
-def _at_line_start(f, start: int) -> None:
-    """Position ``f`` at the first line that starts at or after ``start``."""
-    if start > 0:
-        f.seek(start - 1)
-        if f.read(1) != b"\n":
-            f.readline()  # the rest of a line that started in the previous unit
+def _first_line_start(f, start: int, stop: float) -> int | None:
+    """Position ``f`` at the first line that starts in [start, stop) and return its offset (None: no line does).
 
-
-def _lines(unit: WorkUnit) -> Iterator[tuple[int, bytes]]:
-    """(start offset, line) of the non-blank lines starting in [start, stop)."""
-    stop = unit.stop if unit.stop >= 0 else float("inf")
-    with _open(unit) as f:
-        _at_line_start(f, unit.start)
-        pos = f.tell() if unit.start > 0 else 0
-        for line in f:
+    Only the unit's own range is searched: a line that started in an earlier unit is never read to its end."""
+    if start == 0:
+        return 0
+    f.seek(start - 1)
+    if f.read(1) == b"\n":
+        return start
+    pos = start
+    while pos < stop:
+        block = f.read(int(min(_SCAN_BYTES, stop - pos)))
+        if not block:
+            return None
+        nl = block.find(b"\n")
+        if nl >= 0:
+            pos += nl + 1
             if pos >= stop:
-                break
-            if line.strip():
-                yield pos, line.rstrip(b"\r\n")
+                return None
+            f.seek(pos)
+            return pos
+        pos += len(block)
+    return None
+
+
+def _lines_from(f, pos: int, limit: int, horizon: float) -> Iterator[tuple[int, bytes | None]]:
+    """(start offset, line) for every line from ``pos`` (the offset ``f`` is at); None for a line longer than ``limit``.
+
+    At most ``limit + 1`` bytes of a line are held. The rest of an over-long line is skipped in blocks when the
+    next line is asked for, but never past ``horizon``: every caller wants nothing that starts beyond it."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        start = pos
+        pos += len(line)
+        if len(line) <= limit:
+            yield start, line
+            continue
+        yield start, None
+        while not line.endswith(b"\n"):
+            if pos >= horizon:
+                return
+            line = f.readline(_SCAN_BYTES)
+            if not line:
+                return
             pos += len(line)
 
 
-def _text_documents(unit: WorkUnit) -> Iterator[bytes]:
-    """Documents separated by blank lines that start in [start, stop)."""
-    stop = unit.stop if unit.stop >= 0 else float("inf")
+def _lines(unit: WorkUnit, limit: int, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
+    """(start offset, line) of the non-blank lines starting in [start, stop); longer lines are skipped and counted."""
+    stop = unit.stop if unit.stop >= 0 else math.inf
     with _open(unit) as f:
-        _at_line_start(f, unit.start)
-        pos = f.tell() if unit.start > 0 else 0
-        # a non-blank line right after a non-blank line continues a document that
-        # started before this unit: skip to the next blank line
-        skipping = pos > 0 and not _previous_line_blank(f, pos)
-        lines: list[bytes] = []
-        for line in f:
-            blank = not line.strip()
+        pos = _first_line_start(f, unit.start, stop)
+        if pos is None:
+            return
+        for start, line in _lines_from(f, pos, limit, stop):
+            if start >= stop:
+                return
+            if line is None:
+                stats.skip_too_long(unit.path, start)
+            elif line.strip():
+                yield start, line.rstrip(b"\r\n")
+
+
+def _text_documents(unit: WorkUnit, limit: int, stats: ReadStats) -> Iterator[bytes]:
+    """Documents separated by blank lines that start in [start, stop); longer ones are skipped and counted.
+
+    A blank line is at most ``limit`` bytes of ASCII whitespace (a longer one is content: the document holding
+    it is over the cap anyway), so whether a unit starts inside a document is known from a bounded look back."""
+    stop = unit.stop if unit.stop >= 0 else math.inf
+    with _open(unit) as f:
+        pos = _first_line_start(f, unit.start, stop)
+        if pos is None:
+            return
+        # a non-blank line right after a non-blank line continues a document that started before this unit:
+        # skip to the next blank line (but no further than this unit's end: no document of ours starts later)
+        skipping = pos > 0 and not _previous_line_blank(f, pos, limit)
+        doc_start, parts, size = -1, [], 0  # doc_start -1: between documents
+        for start, line in _lines_from(f, pos, limit, stop):
+            blank = line is not None and not line.strip()
             if skipping:
-                skipping = not blank
-            elif blank:
-                if lines:
-                    yield b"".join(lines)
-                    lines = []
-            else:
-                if not lines and pos >= stop:
+                if blank:
+                    skipping = False
+                elif start >= stop:
                     return
-                lines.append(line)
-            pos += len(line)
-        if lines:
-            yield b"".join(lines)
+                continue
+            if blank:
+                if doc_start >= 0:
+                    yield b"".join(parts)
+                    doc_start, parts = -1, []
+                continue
+            if doc_start < 0:
+                if start >= stop:
+                    return
+                doc_start, parts, size = start, [], 0
+            size += len(line) if line is not None else limit + 1
+            if size > limit:
+                stats.skip_too_long(unit.path, doc_start)
+                doc_start, parts, skipping = -1, [], True  # the rest of it, up to a blank line
+                continue
+            parts.append(line)
+        if doc_start >= 0:
+            yield b"".join(parts)
 
 
-def _previous_line_blank(f, line_start: int) -> bool:
-    """Whether the line ending just before ``line_start`` is blank (ASCII whitespace only)."""
+def _previous_line_blank(f, line_start: int, limit: int) -> bool:
+    """Whether the line ending just before ``line_start`` is blank: ASCII whitespace, at most ``limit`` bytes with
+    its newline (as ``_lines_from`` sees lines). Reads back at most ``limit`` bytes, and stops at the first
+    non-whitespace byte."""
     here = f.tell()
     end = line_start - 1  # the newline that ends the previous line
-    blank = True
-    while end > 0:
-        begin = max(0, end - 4096)
+    window = max(0, end - limit)  # a newline before this would make the line longer than the limit
+    blank = False
+    while end > window:
+        begin = max(window, end - 4096)
         f.seek(begin)
         block = f.read(end - begin)
         nl = block.rfind(b"\n")
-        tail = block[nl + 1 :] if nl >= 0 else block
-        if tail.strip():
-            blank = False
-            break
+        if block[nl + 1 :].strip():
+            break  # a non-whitespace byte
         if nl >= 0:
+            blank = True
             break
         end = begin
+    else:
+        # no newline in the window: the line is blank only if it starts the file within the limit
+        blank = window == 0 and line_start <= limit
     f.seek(here)
     return blank
 
@@ -311,10 +410,16 @@ def _json_text(unit: WorkUnit, line_start: int, line: str, text_key: str) -> str
 
 
 def _line_number(unit: WorkUnit, offset: int) -> int:
-    """1-based line number of a byte offset; counted only on the error path."""
+    """1-based line number of a byte offset; counted only on the error path, a block at a time."""
+    newlines = 0
     with _open(unit) as f:
-        data = f.read(offset)
-    return data.count(b"\n") + 1
+        while offset > 0:
+            block = f.read(min(offset, 1 << 20))
+            if not block:
+                break
+            newlines += block.count(b"\n")
+            offset -= len(block)
+    return newlines + 1
 
 
 def _read_parquet(unit: WorkUnit, text_key: str) -> Iterator[tuple[str, int]]:

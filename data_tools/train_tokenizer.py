@@ -46,6 +46,9 @@ def iter_texts(inputs: list[str], one_doc_per_line: bool, text_key: str, skip_ba
             yield batch
     if report and stats.invalid_utf8:
         print(f"replaced {stats.invalid_utf8:,} invalid UTF-8 sequence(s)", file=sys.stderr)
+    if report and stats.too_long:
+        print(f"skipped {stats.too_long:,} document(s) longer than {sources.MAX_DOCUMENT_BYTES:,} bytes (first at: "
+              f"{'; '.join(stats.too_long_at)})", file=sys.stderr)
 
 
 def untrained_bert_tokenizer(lowercase: bool, strip_accents: bool | None) -> Tokenizer:

@@ -10,10 +10,12 @@ DEEPSPEED=${DEEPSPEED:-$(dirname "$(command -v "$PYTHON")")/deepspeed}
 HOSTFILE=${HOSTFILE:?set HOSTFILE to a hostfile (lines of 'HOSTNAME slots=N', see hostfiles/)}
 MASTER_ADDR=${MASTER_ADDR:-$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$HOSTFILE" 2>/dev/null || true)}
 SOCKET_IFNAME=${SOCKET_IFNAME:?set SOCKET_IFNAME to the network interface between the nodes (e.g. eth0, ib0; lo on one machine)}
+# it goes into --launcher_args, which DeepSpeed splits like a shell would: an interface name, nothing more
+[[ $SOCKET_IFNAME =~ ^[A-Za-z0-9_.:@-]+$ ]] || { echo "SOCKET_IFNAME '$SOCKET_IFNAME' is not a network interface name" >&2; exit 2; }
 MODULE=${MODULE:-bert_ds.train}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} BERT_DS_HOSTFILE=$(realpath "$HOSTFILE")
 export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}
-[ "${SKIP_HOST_CHECK:-0}" = 1 ] || "$PYTHON" -m bert_ds.preflight --hostfile "$HOSTFILE" --master-addr "$MASTER_ADDR"
+[ "${SKIP_HOST_CHECK:-0}" = 1 ] || "$PYTHON" -m bert_ds.preflight --hostfile="$HOSTFILE" --master-addr="$MASTER_ADDR"
 FORWARD_ENV=${FORWARD_ENV:-MASTER_ADDR MASTER_PORT OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME TORCH_EXTENSIONS_DIR TOKENIZERS_PARALLELISM HF_HOME BERT_DS_PREFLIGHT_TIMEOUT BERT_DS_HOSTFILE}
 xs=""; for v in $FORWARD_ENV; do [ -z "${!v+x}" ] || xs+=" -x $v"; done
 # DeepSpeed's Open MPI runner passes neither MASTER_ADDR nor MASTER_PORT to the ranks (hence -x) and adds

@@ -18,17 +18,17 @@ DEEPSPEED=${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}
 mkdir -p "$DEMO_DIR"
 
 echo "== 1/5 corpus: docstrings of Python's standard library (real English prose, on every machine)"
-$PYTHON -m data_tools.sample_corpus stdlib --output "$DEMO_DIR/corpus.txt" --num-docs 0
+"$PYTHON" -m data_tools.sample_corpus stdlib --output "$DEMO_DIR/corpus.txt" --num-docs 0
 
 echo "== 2/5 WordPiece vocabulary"
-$PYTHON -m data_tools.train_tokenizer --input "$DEMO_DIR/corpus.txt" --output "$DEMO_DIR/vocab" --vocab-size 8000
+"$PYTHON" -m data_tools.train_tokenizer --input "$DEMO_DIR/corpus.txt" --output "$DEMO_DIR/vocab" --vocab-size 8000
 
 echo "== 3/5 indexed shards ($WORKERS workers, 5% of documents held out)"
-$PYTHON -m data_tools.preprocess --input "$DEMO_DIR/corpus.txt" --tokenizer "$DEMO_DIR/vocab" \
+"$PYTHON" -m data_tools.preprocess --input "$DEMO_DIR/corpus.txt" --tokenizer "$DEMO_DIR/vocab" \
   --output-prefix "$DEMO_DIR/shards/train" --workers "$WORKERS" --valid-fraction 0.05
 
 echo "== 4/5 inspect"
-$PYTHON -m data_tools.inspect "$DEMO_DIR/shards/train" --verify --samples 1
+"$PYTHON" -m data_tools.inspect "$DEMO_DIR/shards/train" --verify --samples 1
 
 echo "== 5/5 pretraining: $NUM_RANKS DeepSpeed ranks, launch/configs/tiny_demo.yaml"
 rm -rf "$DEMO_DIR/run"  # a fresh run each time (a second `make demo` would otherwise resume the finished one)

@@ -18,6 +18,6 @@ if [ -n "${SOCKET_IFNAME:-}" ]; then
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} BERT_DS_HOSTFILE=$(realpath "$HOSTFILE")
-[ "${SKIP_HOST_CHECK:-0}" = 1 ] || "$PYTHON" -m bert_ds.preflight --hostfile "$HOSTFILE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
+[ "${SKIP_HOST_CHECK:-0}" = 1 ] || "$PYTHON" -m bert_ds.preflight --hostfile="$HOSTFILE" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR"
 exec "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   --module "$MODULE" "$@"

@@ -5,7 +5,8 @@
 # Environment (defaults): NP (required), HOSTFILE (unset: this node), MASTER_ADDR (the first host of HOSTFILE, else
 # 127.0.0.1), MASTER_PORT (29500), SOCKET_IFNAME (lo on one node; sets GLOO/NCCL_SOCKET_IFNAME and Open MPI's TCP
 # interfaces), PYTHON, MODULE (bert_ds.train), FORWARD_ENV (variables exported to the ranks with -x),
-# MPIRUN_ARGS (extra mpirun options, e.g. "--allow-run-as-root" or "--map-by ppr:8:node").
+# MPIRUN_ARGS (extra mpirun options separated by spaces, e.g. "--allow-run-as-root" or "--map-by ppr:8:node"; taken
+# word for word: no quoting, no globbing, no expansion).
 set -euo pipefail
 PYTHON=${PYTHON:-python}
 NP=${NP:?set NP to the number of ranks}
@@ -13,7 +14,7 @@ MODULE=${MODULE:-bert_ds.train}
 if [ -n "${HOSTFILE:-}" ]; then
   MASTER_ADDR=${MASTER_ADDR:-$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$HOSTFILE" 2>/dev/null || true)}
   export BERT_DS_HOSTFILE=$(realpath "$HOSTFILE")
-  [ "${SKIP_HOST_CHECK:-0}" = 1 ] || "$PYTHON" -m bert_ds.preflight --hostfile "$HOSTFILE" --master-addr "$MASTER_ADDR"
+  [ "${SKIP_HOST_CHECK:-0}" = 1 ] || "$PYTHON" -m bert_ds.preflight --hostfile="$HOSTFILE" --master-addr="$MASTER_ADDR"
 else
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} SOCKET_IFNAME=${SOCKET_IFNAME:-lo}
 fi
@@ -24,6 +25,8 @@ if [ -n "${SOCKET_IFNAME:-}" ]; then
   args+=(--mca btl_tcp_if_include "$SOCKET_IFNAME" --mca oob_tcp_if_include "$SOCKET_IFNAME")
 fi
 FORWARD_ENV=${FORWARD_ENV:-MASTER_ADDR MASTER_PORT OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME TORCH_EXTENSIONS_DIR TOKENIZERS_PARALLELISM HF_HOME BERT_DS_PREFLIGHT_TIMEOUT BERT_DS_HOSTFILE PATH}
-for v in $FORWARD_ENV; do [ -z "${!v+x}" ] || args+=(-x "$v"); done
-# shellcheck disable=SC2086  # MPIRUN_ARGS is a list of options
-exec mpirun -np "$NP" ${HOSTFILE:+--hostfile "$HOSTFILE"} "${args[@]}" ${MPIRUN_ARGS:-} "$PYTHON" -u -m "$MODULE" "$@"
+read -r -d "" -a forward <<< "$FORWARD_ENV" || true
+for v in "${forward[@]}"; do [ -z "${!v+x}" ] || args+=(-x "$v"); done
+read -r -d "" -a extra <<< "${MPIRUN_ARGS:-}" || true  # words split at whitespace, never globbed or expanded
+hostfile=(); [ -z "${HOSTFILE:-}" ] || hostfile=(--hostfile "$HOSTFILE")
+exec mpirun -np "$NP" "${hostfile[@]}" "${args[@]}" "${extra[@]}" "$PYTHON" -u -m "$MODULE" "$@"

@@ -437,7 +437,7 @@ def test_the_dataset_hands_masking_the_flags_of_exactly_the_tokens_it_placed(tmp
         writer.add_documents(ids, lengths, [len(lengths)])
         bits.add(ids % 2 == 1)
     bits.close()
-    writer.finalize({"tokenizer": {}, "word_segmentation": {"segmenter": "jieba"}})
+    writer.finalize({"tokenizer": {"vocab_sha256": "0" * 64, "vocab_size": len(tokens)}, "word_segmentation": {"segmenter": "jieba"}})
     seen = []
     import bert_ds.data.pretraining as pretraining
 

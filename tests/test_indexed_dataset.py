@@ -143,7 +143,7 @@ def test_verify_finds_corrupt_pointers_and_out_of_vocab_tokens(tmp_path):
     raw = bytearray((tmp_path / "d.idx").read_bytes())
     struct.pack_into("<q", raw, HEADER_SIZE + 3 * 4 + 8, 2)  # second pointer 6 -> 2
     (tmp_path / "d.idx").write_bytes(bytes(raw))
-    with pytest.raises(IndexedDatasetError, match="pointer of sequence 1"):
+    with pytest.raises(IndexedDatasetError, match="pointer of sentence 1"):
         IndexedDataset(tmp_path / "d").verify()
     write(tmp_path / "e", [[[1, 2, 999]]])
     with pytest.raises(IndexedDatasetError, match="token id 999 .* outside the vocabulary"):

@@ -137,9 +137,9 @@ def test_empty_and_one_sentence_documents_are_counted_kept_or_dropped(vocab_dir,
     # a document of only control characters tokenizes to nothing: skipped as empty
     (tmp_path / "c.txt").write_text("Two sentences. Right here.\n\nOnly one sentence\n\n\x01\x02\x03\n\nAgain two. Yes two.\n")
     kept, _ = preprocess(tmp_path / "c.txt", vocab_dir, tmp_path / "k")
-    assert kept["docs_in"] == 4 and kept["docs_skipped"] == {"empty": 1, "one_sentence": 0} and kept["docs_with_one_sentence_kept"] == 1
+    assert kept["docs_in"] == 4 and kept["docs_skipped"] == {"empty": 1, "one_sentence": 0, "too_long": 0} and kept["docs_with_one_sentence_kept"] == 1
     dropped, _ = preprocess(tmp_path / "c.txt", vocab_dir, tmp_path / "d", "--drop-short-docs")
-    assert dropped["docs_skipped"] == {"empty": 1, "one_sentence": 1} and dropped["docs_written"] == 2
+    assert dropped["docs_skipped"] == {"empty": 1, "one_sentence": 1, "too_long": 0} and dropped["docs_written"] == 2
     assert IndexedDataset(tmp_path / "d").num_documents == 2
 
 

@@ -12,7 +12,9 @@ so the first host runs rank 0 and is where the rendezvous (MASTER_ADDR) normally
 
 DeepSpeed's own parser accepts trailing garbage after ``slots=N`` (``node1 slots=8 gpus=4``) and
 falls back to *local-only training* when the hostfile path does not exist; :func:`read_hostfile`
-rejects both, with the line number.
+rejects both, with the line number. A host must be a host name (letters, digits, ``-``, ``_``
+and dots, not starting with ``-``) or an IP address: host names end up as ssh and pdsh arguments,
+where ``-oProxyCommand=...`` would be an option and ``node[1-4]`` or ``^file`` a host list.
 
 Generating one inside an allocation::
 
@@ -25,6 +27,7 @@ This module imports neither torch nor deepspeed: launch scripts call it before a
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import shlex
@@ -43,6 +46,7 @@ __all__ = [
     "expand_tasks_per_node",
     "format_hostfile",
     "from_slurm",
+    "host_name_problem",
     "parse_hostfile",
     "read_hostfile",
 ]
@@ -59,7 +63,23 @@ class HostEntry:
     line: int  # 1-based line number in the file it came from (0: generated)
 
 
-_HOST = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")
+# DNS labels (underscores allowed: /etc/hosts and cluster naming schemes use them), dot-separated
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or an IP address (None: it is one)."""
+    if _HOST_NAME.fullmatch(host) and len(host) <= 253:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if host.startswith("-"):
+        return f"{host!r} is not a host name (it starts with '-': ssh and pdsh would take it as an option)"
+    return f"{host!r} is not a host name (letters, digits, '-', '_' and dots; or an IP address)"
 
 
 def parse_hostfile(text: str, source: str = "hostfile") -> list[HostEntry]:
@@ -75,8 +95,9 @@ def parse_hostfile(text: str, source: str = "hostfile") -> list[HostEntry]:
         if len(fields) != 2 or not fields[1].startswith("slots="):
             raise HostfileError(f"{where}: expected 'HOSTNAME slots=N', got {raw.strip()!r}")
         host, slots_text = fields[0], fields[1][len("slots="):]
-        if not _HOST.match(host):
-            raise HostfileError(f"{where}: {host!r} is not a host name")
+        problem = host_name_problem(host)
+        if problem:
+            raise HostfileError(f"{where}: {problem}")
         if not slots_text.isdigit() or int(slots_text) < 1:
             raise HostfileError(f"{where}: slots must be a whole number >= 1 (ranks on {host}, one per GPU), got {slots_text!r}")
         if host in seen:
@@ -159,7 +180,12 @@ def expand_tasks_per_node(spec: str) -> list[int]:
 def from_slurm(nodelist: str, slots: int) -> list[HostEntry]:
     if slots < 1:
         raise HostfileError(f"--slots must be >= 1 (ranks per node, one per GPU), got {slots}")
-    return [HostEntry(h, slots, 0) for h in expand_nodelist(nodelist)]
+    hosts = expand_nodelist(nodelist)
+    for h in hosts:
+        problem = host_name_problem(h)
+        if problem:
+            raise HostfileError(f"SLURM node list {nodelist!r}: {problem}")
+    return [HostEntry(h, slots, 0) for h in hosts]
 
 
 # -- reachability ------------------------------------------------------------------------------
@@ -173,7 +199,8 @@ def _ssh_base(env: Mapping[str, str]) -> list[str]:
 def ssh_target_address(host: str, env: Mapping[str, str]) -> str:
     """The HostName ssh would connect to for ``host`` (ssh config aliases applied; no connection made)."""
     try:
-        out = subprocess.run([*_ssh_base(env), "-G", host], capture_output=True, text=True, timeout=10, check=True).stdout
+        # "--": a host is never an option (the parser already refuses names starting with "-")
+        out = subprocess.run([*_ssh_base(env), "-G", "--", host], capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return host
     for line in out.splitlines():
@@ -209,7 +236,7 @@ def check_hosts(entries: Sequence[HostEntry], source: str, *, ssh: bool, env: Ma
             problems.append(f"{source} line {e.line}: host {e.host}{alias} does not resolve: {reason}")
             continue
         if ssh:
-            cmd = [*_ssh_base(env), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout_s}", e.host, "true"]
+            cmd = [*_ssh_base(env), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout_s}", "--", e.host, "true"]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=connect_timeout_s + 10)
                 failed = proc.returncode != 0

@@ -95,6 +95,7 @@ class IndexedDatasetWriter:
         self.num_sequences = 0
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token_id: int | None = None  # recorded in the metadata: a run checks it against its vocabulary
         self._sidecars = [Path(p) for p in sidecars]
         self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix), *self._sidecars, metadata_path(self.prefix)])
         self._bin_partial = self._unit.temp(bin_path(self.prefix))
@@ -136,6 +137,18 @@ class IndexedDatasetWriter:
             raise ValueError("sequence lengths do not add up to the number of tokens")
         if int(document_sequence_counts.sum()) != len(sequence_lengths):
             raise ValueError("document sequence counts do not add up to the number of sequences")
+        # the reader refuses these (an empty sentence would become an empty segment): never write them
+        if (document_sequence_counts <= 0).any():
+            raise ValueError(f"{self.prefix}: document {self.num_documents + int(np.argmax(document_sequence_counts <= 0))} has no sentence")
+        if (sequence_lengths <= 0).any():
+            raise ValueError(f"{self.prefix}: sentence {self.num_sequences + int(np.argmax(sequence_lengths <= 0))} is empty")
+        tokens = np.asarray(tokens)
+        if len(tokens):
+            low, high = int(tokens.min()), int(tokens.max())
+            info = np.iinfo(self.dtype)
+            if low < max(info.min, 0) or high > info.max:
+                raise ValueError(f"{self.prefix}: token id {low if low < 0 else high} does not fit {self.dtype.name}")
+            self.max_token_id = high if self.max_token_id is None else max(self.max_token_id, high)
         self._bin.write(np.asarray(tokens, dtype=self.dtype).tobytes(order="C"))
         self._lengths.write(sequence_lengths.tobytes())
         # document index entries are the running sequence count at each document's end
@@ -148,11 +161,12 @@ class IndexedDatasetWriter:
     def add_document(self, sequences: Sequence[Sequence[int]]) -> None:
         """Append one document given as a list of token-id sequences."""
         lengths = np.array([len(s) for s in sequences], dtype=np.int32)
-        tokens = np.concatenate([np.asarray(s, dtype=self.dtype) for s in sequences]) if sequences else np.zeros(0, self.dtype)
+        # int64 first: add_documents checks that every id fits the shard's dtype (a cast would wrap silently)
+        tokens = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if sequences else np.zeros(0, np.int64)
         self.add_documents(tokens, lengths, np.array([len(sequences)]))
 
     def finalize(self, metadata: dict | None = None) -> None:
-        """Write the index and commit the unit; ``metadata`` (its ``counts`` filled in here) becomes ``PREFIX.json``.
+        """Write the index and commit the unit; ``metadata`` (``counts`` and ``max_token_id`` filled in here) becomes ``PREFIX.json``.
 
         Without metadata, no ``PREFIX.json`` is left: a stale one would describe other data.
         """
@@ -188,7 +202,8 @@ class IndexedDatasetWriter:
             self._unit = FileUnit([bin_path(self.prefix), idx_path(self.prefix), *self._sidecars])  # the same temporary names
         else:
             counts = {"documents": self.num_documents, "sentences": self.num_sequences, "tokens": self.num_tokens}
-            self._unit.temp(json_path).write_text(metadata_text({**metadata, "counts": counts}), encoding="utf-8")
+            meta = {**metadata, "counts": counts, "max_token_id": self.max_token_id}
+            self._unit.temp(json_path).write_text(metadata_text(meta), encoding="utf-8")
         self._unit.commit()
 
     def abort(self) -> None:
@@ -209,8 +224,10 @@ def _copy_file(src: Path, out) -> None:
 class IndexedDataset:
     """Memory-mapped reader. ``ds[i]`` is sequence (sentence) ``i`` as a numpy array.
 
-    Nothing is copied at open time, so opening a 100 GB shard costs only the header read;
-    every consistency check that needs the whole files lives in :meth:`verify`.
+    Nothing is copied at open time, so opening a 100 GB shard costs only the header read and the
+    size checks. Nothing inside the arrays is trusted until checked: :meth:`check_index` reads the
+    index (not the tokens) and is what the trainer runs on every shard it opens; :meth:`verify` adds
+    every token id (``inspect --verify``).
     """
 
     def __init__(self, prefix: str | os.PathLike):
@@ -288,36 +305,59 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
-    def verify(self, vocab_size: int | None = None) -> None:
-        """Check the whole file pair; raises :class:`IndexedDatasetError` naming the problem."""
+    def check_index(self) -> None:
+        """The checks that read the index but not the tokens; raises :class:`IndexedDatasetError` naming the problem.
+
+        Document indices rise from 0 to the number of sentences, every document has a sentence, every sentence a
+        token, and every pointer is where the lengths before it put it. With the sizes checked at open, every
+        sentence then lies inside ``.bin``: nothing read later can index out of bounds or size an allocation.
+        """
         idx = idx_path(self.prefix)
-        if (self.sequence_lengths < 0).any():
-            raise IndexedDatasetError(f"{idx}: negative sequence length at sequence {int(np.argmax(self.sequence_lengths < 0))}")
+        docs = self.document_indices
+        if docs[0] != 0:
+            raise IndexedDatasetError(f"{idx}: document indices must start at 0, found {int(docs[0])}")
+        if docs[-1] != self.num_sequences:
+            raise IndexedDatasetError(f"{idx}: the last document ends at sentence {int(docs[-1])}, but there are {self.num_sequences} sentences")
+        for start in range(0, self.num_documents, _CHUNK):
+            steps = np.diff(docs[start : start + _CHUNK + 1])
+            if (steps <= 0).any():
+                bad = start + int(np.argmax(steps <= 0))
+                if steps[bad - start] < 0:
+                    raise IndexedDatasetError(f"{idx}: document indices decrease at document {bad} ({int(docs[bad])} -> {int(docs[bad + 1])})")
+                raise IndexedDatasetError(f"{idx}: document {bad} has no sentence (bert-ds writes none; rewrite the shard with data_tools.preprocess)")
         offset = 0
         for start in range(0, self.num_sequences, _CHUNK):
-            lengths = self.sequence_lengths[start : start + _CHUNK].astype(np.int64) * self.dtype.itemsize
-            expected = offset + np.concatenate([[0], np.cumsum(lengths[:-1])])
+            lengths = self.sequence_lengths[start : start + _CHUNK].astype(np.int64)
+            if (lengths <= 0).any():
+                bad = start + int(np.argmax(lengths <= 0))
+                what = "is empty" if lengths[bad - start] == 0 else f"has a negative length {int(lengths[bad - start])}"
+                raise IndexedDatasetError(f"{idx}: sentence {bad} {what} (bert-ds writes no empty sentence; rewrite the shard with data_tools.preprocess)")
+            nbytes = lengths * self.dtype.itemsize
+            expected = offset + np.concatenate([[0], np.cumsum(nbytes[:-1])])
             actual = self.sequence_pointers[start : start + _CHUNK]
             if not np.array_equal(expected, actual):
                 bad = start + int(np.argmax(expected != actual))
-                raise IndexedDatasetError(f"{idx}: pointer of sequence {bad} is {int(self.sequence_pointers[bad])}, expected {int(expected[bad - start])}")
-            offset += int(lengths.sum())
-        docs = self.document_indices
-        if len(docs) and docs[0] != 0:
-            raise IndexedDatasetError(f"{idx}: document indices must start at 0, found {int(docs[0])}")
-        if len(docs) > 1 and (np.diff(docs) < 0).any():
-            bad = int(np.argmax(np.diff(docs) < 0))
-            raise IndexedDatasetError(f"{idx}: document indices decrease at document {bad}")
-        if docs[-1] != self.num_sequences:
-            raise IndexedDatasetError(f"{idx}: last document ends at sequence {int(docs[-1])}, but there are {self.num_sequences} sequences")
-        if vocab_size is not None:
-            for start in range(0, self.num_tokens, _CHUNK * 8):
-                piece = self.tokens[start : start + _CHUNK * 8]
-                if len(piece) and int(piece.max()) >= vocab_size:
-                    bad = start + int(np.argmax(piece >= vocab_size))
-                    raise IndexedDatasetError(
-                        f"{bin_path(self.prefix)}: token id {int(self.tokens[bad])} at position {bad} is outside the vocabulary (size {vocab_size})"
-                    )
+                raise IndexedDatasetError(f"{idx}: pointer of sentence {bad} is {int(self.sequence_pointers[bad])}, expected {int(expected[bad - start])}")
+            offset += int(nbytes.sum())
+
+    def verify(self, vocab_size: int | None = None) -> int | None:
+        """Check the whole file pair (the index as :meth:`check_index`, then every token id); returns the largest token id.
+
+        Raises :class:`IndexedDatasetError` naming the problem.
+        """
+        self.check_index()
+        largest = None
+        for start in range(0, self.num_tokens, _CHUNK * 8):
+            piece = self.tokens[start : start + _CHUNK * 8]
+            low, high = int(piece.min()), int(piece.max())
+            if low < 0 or (vocab_size is not None and high >= vocab_size):
+                bad = start + int(np.argmax((piece < 0) | (piece >= (vocab_size if vocab_size is not None else np.inf))))
+                raise IndexedDatasetError(
+                    f"{bin_path(self.prefix)}: token id {int(self.tokens[bad])} at position {bad} is outside the vocabulary"
+                    + (f" (size {vocab_size})" if vocab_size is not None else "")
+                )
+            largest = high if largest is None else max(largest, high)
+        return largest
 
 
 def merge_datasets(
@@ -334,6 +374,8 @@ def merge_datasets(
     if not prefixes:
         raise ValueError("nothing to merge")
     datasets = [IndexedDataset(p) for p in prefixes]
+    for ds in datasets:
+        ds.check_index()  # the document ranges below come from these arrays
     dtypes = {ds.dtype for ds in datasets}
     if len(dtypes) != 1:
         names = ", ".join(f"{ds.prefix}: {ds.dtype}" for ds in datasets)

@@ -1,4 +1,4 @@
-"""The JSON metadata file beside each shard (``PREFIX.json``): tokenizer identity, counts, sources, options.
+"""The JSON metadata file beside each shard (``PREFIX.json``): tokenizer identity, counts, largest token id, sources, options.
 
 It is the last file of a shard's unit (``bert_ds.data.indexed_dataset.IndexedDatasetWriter``):
 it is removed before a new ``.bin``/``.idx`` pair is renamed into place and written after it, so a
@@ -35,7 +35,17 @@ def read_metadata(prefix: str | os.PathLike, required: bool = False) -> dict:
         raise MetadataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "tokenizer" not in meta:
         raise MetadataError(f"{path}: not a bert-ds shard metadata file (no 'tokenizer' entry)")
+    tokenizer = meta["tokenizer"]
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("vocab_sha256"), str) or not _is_int(tokenizer.get("vocab_size")):
+        raise MetadataError(f"{path}: 'tokenizer' must hold 'vocab_sha256' (a string) and 'vocab_size' (an integer)")
+    top = meta.get("max_token_id")
+    if top is not None and not (_is_int(top) and top >= 0):
+        raise MetadataError(f"{path}: 'max_token_id' must be a non-negative integer or null, got {top!r}")
     return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def metadata_text(meta: dict) -> str:

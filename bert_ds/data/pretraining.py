@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 
 from bert_ds.config import ConfigError, RunConfig
 from bert_ds.data import word_boundaries
-from bert_ds.data.indexed_dataset import IndexedDataset
+from bert_ds.data.indexed_dataset import IndexedDataset, IndexedDatasetError, bin_path
 from bert_ds.data.masking import MaskingVocab, continuation_table, mask_tokens
 from bert_ds.data.vocab import Vocab
 
@@ -169,20 +169,22 @@ class _Shard:
         self.prefix = prefix
         self.shard_id = shard_id
         self.seed = seed
-        self._open()
+        self._open(check=True)
         sentences_per_doc = np.diff(self.document_indices)
         self.num_short_documents = int((sentences_per_doc < 2).sum())
         self.anchors = find_anchors(self.document_indices, self.lengths, max_num_tokens)
-        nonempty = sentences_per_doc > 0
-        self.num_b_documents = int(nonempty.sum())
-        # random-B documents: any with a sentence; an index list only if some are empty
-        self.b_documents = None if nonempty.all() else np.flatnonzero(nonempty).astype(_index_dtype(len(nonempty)))
+        # every document has a sentence (checked at open): any other one can give a random B
+        self.num_b_documents = len(sentences_per_doc)
         self.num_samples = 0  # set by the blend
         self.words: word_boundaries.WordFlags | None = None  # Chinese word boundaries, for whole-word masking
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def _open(self) -> None:
+    def _open(self, check: bool = False) -> None:
         ds = IndexedDataset(self.prefix)
+        if check:
+            # the index is not trusted: document ranges and pointers must add up before anchors are built from them
+            # (a worker that reopens the shard skips this: the dataset checked it when it was built)
+            ds.check_index()
         self.document_indices = ds.document_indices
         self.lengths = ds.sequence_lengths
         self.pointers = ds.sequence_pointers
@@ -224,13 +226,20 @@ class _Shard:
         return order
 
     def random_other_document(self, document: int, rng: np.random.Generator) -> int:
-        """A uniformly random document with a sentence, never ``document`` (no retries needed)."""
-        if self.b_documents is None:
-            other = int(rng.integers(0, self.num_b_documents - 1))
-            return other + (other >= document)
-        own = int(np.searchsorted(self.b_documents, document))
+        """A uniformly random document, never ``document`` (no retries needed)."""
         other = int(rng.integers(0, self.num_b_documents - 1))
-        return int(self.b_documents[other + (other >= own)])
+        return other + (other >= document)
+
+    def check_token_ids(self, starts_lengths: tuple[tuple[int, int], ...], vocab_size: int, where: str) -> None:
+        """Every token of the given ``(offset, length)`` ranges is a vocabulary id; else an error naming the file and token."""
+        for start, length in starts_lengths:
+            piece = self.tokens[start : start + length]
+            if length and (int(piece.max()) >= vocab_size or int(piece.min()) < 0):
+                bad = start + int(np.argmax((piece >= vocab_size) | (piece < 0)))
+                raise IndexedDatasetError(
+                    f"{bin_path(self.prefix)}: token id {int(self.tokens[bad])} at token {bad} is outside the vocabulary "
+                    f"(size {vocab_size}); {where}. The shard was not tokenized with this vocabulary, or it is corrupt"
+                )
 
 
 class PretrainingDataset(Dataset):
@@ -319,6 +328,7 @@ class PretrainingDataset(Dataset):
         self.nsp_mode = nsp_mode
         self.seed = seed
         self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
+        self.vocab_size = vocab_size
         special = [cls_id, sep_id, pad_id] + ([unk_id] if unk_id is not None else [])
         self.masking_vocab = MaskingVocab.build(vocab_size, mask_id, special, is_continuation)
         full_length_targets = int(self.max_num_tokens * mask_prob + 0.5)
@@ -397,6 +407,10 @@ class PretrainingDataset(Dataset):
         input_ids[1 + len_a] = self.sep_id
         input_ids[2 + len_a : 2 + len_a + len_b] = shard.tokens[b_start : b_start + len_b]
         end = 3 + len_a + len_b
+        # token ids come from a file: one out of range would index past the embedding (on a GPU, an opaque device assert)
+        body = input_ids[:end]
+        if int(body.max()) >= self.vocab_size or int(body.min()) < 0:
+            shard.check_token_ids(((a_start, len_a), (b_start, len_b)), self.vocab_size, f"sample {index} of epoch {epoch}")
         input_ids[end - 1] = self.sep_id
         token_type_ids = np.zeros(seq, dtype=np.int64)
         token_type_ids[2 + len_a : end] = 1
