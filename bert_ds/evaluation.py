@@ -30,7 +30,7 @@ def evaluate(model, eval_set: PretrainingDataset, micro_batch_size: int, rank: i
     """``eval/*`` metrics of ``model`` (a DeepSpeed engine or the bare model) on the fixed set; all ranks must call it."""
     model.eval()
     indices = list(range(rank, len(eval_set), world_size))
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # mlm loss x count, mlm correct, count, nsp correct, nsp count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # mlm loss sum, mlm correct, count, nsp correct, nsp count
     num_batches = math.ceil(len(indices) / micro_batch_size) if indices else 0
     # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)
     num_batches = _max_over_ranks(num_batches, device)
@@ -42,14 +42,14 @@ def evaluate(model, eval_set: PretrainingDataset, micro_batch_size: int, rank: i
         out = model(**batch)
         if real:
             sums += torch.stack([
-                out.mlm_loss.double() * out.mlm_count, out.mlm_correct.double(), out.mlm_count.double(),
+                out.mlm_loss_sum.detach().double(), out.mlm_correct.double(), out.mlm_count.double(),
                 out.nsp_correct.double(), out.nsp_count.double(),
             ])  # fmt: skip
     model.train()
     if tdist.is_initialized():
         tdist.all_reduce(sums)
-    mlm_loss_x_n, mlm_correct, mlm_n, nsp_correct, nsp_n = sums.tolist()
-    mlm_loss = mlm_loss_x_n / max(mlm_n, 1)
+    mlm_loss_sum, mlm_correct, mlm_n, nsp_correct, nsp_n = sums.tolist()
+    mlm_loss = mlm_loss_sum / max(mlm_n, 1)
     return {
         "eval/mlm_loss": mlm_loss,
         "eval/mlm_acc": mlm_correct / max(mlm_n, 1),

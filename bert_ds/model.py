@@ -27,15 +27,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainingOutput:
-    """Losses for backward, plus detached counts for metrics (summed, so they average across ranks)."""
+    """Summed losses for backward, plus counts for metrics (sums, so they add up across micro-batches and ranks).
 
-    loss: torch.Tensor
-    mlm_loss: torch.Tensor
-    nsp_loss: torch.Tensor
+    A trainer divides the sums by the whole global batch's counts (``bert_ds.trainer.train_step``), so a masked token
+    or a pair weighs the same however the batch is split; ``loss`` is this batch's own mean, for use on its own.
+    """
+
+    mlm_loss_sum: torch.Tensor
+    """Sum of the MLM cross-entropy over this batch's masked tokens (fp32, with grad)."""
+    nsp_loss_sum: torch.Tensor
+    """Sum of the NSP/SOP cross-entropy over this batch's pairs (fp32, with grad)."""
     mlm_correct: torch.Tensor
     mlm_count: torch.Tensor
     nsp_correct: torch.Tensor
     nsp_count: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """This batch's MLM mean plus its NSP mean (with grad)."""
+        return self.mlm_loss_sum / self.mlm_count.clamp(min=1) + self.nsp_loss_sum / self.nsp_count.clamp(min=1)
+
+    @property
+    def mlm_loss(self) -> torch.Tensor:
+        return (self.mlm_loss_sum / self.mlm_count.clamp(min=1)).detach()
+
+    @property
+    def nsp_loss(self) -> torch.Tensor:
+        return (self.nsp_loss_sum / self.nsp_count.clamp(min=1)).detach()
 
 
 class BertForPreTrainingSparse(BertForPreTraining):
@@ -58,16 +76,15 @@ class BertForPreTrainingSparse(BertForPreTraining):
         nsp_logits = self.cls.seq_relationship(pooled_output)
         # losses in fp32 whatever the compute dtype: log-softmax over 30k classes loses precision in bf16
         mlm_logits = mlm_logits.float()
-        mlm_loss = F.cross_entropy(mlm_logits, masked_labels) if masked_labels.numel() else mlm_logits.sum() * 0.0
-        nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
+        mlm_loss_sum = F.cross_entropy(mlm_logits, masked_labels, reduction="sum")  # 0 when nothing is masked
+        nsp_loss_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
         with torch.no_grad():
             # argmax on the fp32 copy: on CPU a bf16 argmax over 30k classes costs ~5x more
             mlm_correct = (mlm_logits.argmax(-1) == masked_labels).sum()
             nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
         return PretrainingOutput(
-            loss=mlm_loss + nsp_loss,
-            mlm_loss=mlm_loss.detach(),
-            nsp_loss=nsp_loss.detach(),
+            mlm_loss_sum=mlm_loss_sum,
+            nsp_loss_sum=nsp_loss_sum,
             mlm_correct=mlm_correct,
             mlm_count=torch.tensor(masked_labels.numel(), device=labels.device),
             nsp_correct=nsp_correct,

@@ -22,6 +22,7 @@ import torch.distributed as tdist
 from bert_ds import checkpoint, metrics, startup
 from bert_ds.config import RunConfig, save_resolved
 from bert_ds.data.loader import train_loader
+from bert_ds.data.masking import IGNORE_INDEX
 from bert_ds.data.pretraining import eval_dataset
 from bert_ds.ds_config import build_ds_config, save_ds_config
 from bert_ds.evaluation import evaluate
@@ -30,7 +31,7 @@ from bert_ds.optim import apply_optimizer_config, build_optimizer, build_schedul
 
 log = logging.getLogger("bert_ds")
 # running sums kept on the device between log steps, reduced over ranks in one all-reduce
-_SUMS = ["loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count", "micro_batches", "tokens", "positions"]
+_SUMS = ["mlm_loss_sum", "nsp_loss_sum", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count", "tokens", "positions"]
 
 
 @dataclass
@@ -131,26 +132,41 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def train_step(engine, batches, loader, grad_accum_steps: int, sums: torch.Tensor, device: torch.device):
-    """One optimizer step: ``grad_accum_steps`` micro-batches through DeepSpeed (it steps at the boundary)."""
+    """One optimizer step: ``grad_accum_steps`` micro-batches through DeepSpeed (it steps at the boundary).
+
+    The objective is the global batch's: the MLM loss averaged over all its masked tokens and the NSP loss over all
+    its pairs, on every rank and micro-batch together. Each micro-batch's summed losses are divided by the global
+    counts (one all-reduce) and scaled back by ranks x accumulation, which DeepSpeed divides out when it averages
+    gradients; so a step's gradient does not depend on how its global batch is split into ranks and micro-batches.
+    """
+    micro_batches = []
     for _ in range(grad_accum_steps):
         try:
-            batch = next(batches)
+            micro_batches.append(next(batches))
         except StopIteration:  # the loader ends only when max_samples is set; restart it
             batches = iter(loader)
-            batch = next(batches)
+            micro_batches.append(next(batches))
+    counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
+                           sum(b["next_sentence_label"].numel() for b in micro_batches)], dtype=torch.float64, device=device)  # fmt: skip
+    world_size = 1
+    if tdist.is_initialized():
+        tdist.all_reduce(counts)
+        world_size = tdist.get_world_size()
+    mlm_count, nsp_count = counts.clamp(min=1).tolist()  # a device-to-host sync, once per step
+    scale = world_size * grad_accum_steps
+    for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = engine(**batch)
-        engine.backward(out.loss)
+        engine.backward((out.mlm_loss_sum / mlm_count + out.nsp_loss_sum / nsp_count) * scale)
         if _engine_hides_grad_norm(engine) and engine.is_gradient_accumulation_boundary():
             engine.bert_ds_grad_norm = _local_grad_norm(engine.module)
         engine.step()
         with torch.no_grad():
             attention = batch["attention_mask"]
             sums += torch.stack([
-                out.loss.detach().double(), out.mlm_loss.double(), out.nsp_loss.double(),
+                out.mlm_loss_sum.detach().double(), out.nsp_loss_sum.detach().double(),
                 out.mlm_correct.double(), out.mlm_count.double(), out.nsp_correct.double(), out.nsp_count.double(),
-                torch.ones((), dtype=torch.float64, device=device), attention.sum().double(),
-                torch.tensor(attention.numel(), dtype=torch.float64, device=device),
+                attention.sum().double(), torch.tensor(attention.numel(), dtype=torch.float64, device=device),
             ])  # fmt: skip
     return batches
 
@@ -226,12 +242,13 @@ def _reduce(sums: torch.Tensor) -> dict[str, float]:
 
 
 def _train_metrics(engine, totals: dict[str, float], cfg: RunConfig) -> dict[str, float]:
-    n = max(totals["micro_batches"], 1)
     grad_norm = getattr(engine, "bert_ds_grad_norm", None) if _engine_hides_grad_norm(engine) else engine.get_global_grad_norm()
+    # the objective's own means over the window: every masked token and every pair weighs the same
+    mlm_loss, nsp_loss = totals["mlm_loss_sum"] / max(totals["mlm_count"], 1), totals["nsp_loss_sum"] / max(totals["nsp_count"], 1)
     out = {
-        "train/loss": totals["loss"] / n,
-        "train/mlm_loss": totals["mlm_loss"] / n,
-        "train/nsp_loss": totals["nsp_loss"] / n,
+        "train/loss": mlm_loss + nsp_loss,
+        "train/mlm_loss": mlm_loss,
+        "train/nsp_loss": nsp_loss,
         "train/mlm_acc": totals["mlm_correct"] / max(totals["mlm_count"], 1),
         "train/nsp_acc": totals["nsp_correct"] / max(totals["nsp_count"], 1),
         "train/lr": engine.get_lr()[0],
