@@ -187,11 +187,3 @@ class Throughput:
             "train/tflops_per_device": tflops,
             "train/mfu": tflops / self.peak if self.peak > 0 else 0.0,
         }
-
-
-def memory_metrics(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"train/memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    import psutil
-
-    return {"train/memory_rss_gb": psutil.Process().memory_info().rss / 2**30}

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining
+from transformers.initialization import no_init_weights
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from bert_ds.config import ModelConfig
 from bert_ds.data.masking import IGNORE_INDEX  # the labels' "not predicted" value, defined once
@@ -107,9 +109,17 @@ def build_bert_config(cfg: ModelConfig, vocab_size: int) -> BertConfig:
     return bert_config
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> BertForPreTrainingSparse:
-    """A fresh model from a preset, or one loaded from ``cfg.init_from`` (missing heads initialised and reported)."""
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> BertForPreTrainingSparse:
+    """A fresh model from a preset, or one loaded from ``cfg.init_from`` (missing heads initialised and reported).
+
+    Fresh weights are a function of ``seed`` alone, the same whether or not ZeRO-3 builds the model partitioned
+    (``bert_ds.zero.partitioned_construction``): construction draws no random number (transformers'
+    ``no_init_weights``), then BERT's initialisation runs module by module in one fixed order, on the whole model
+    here, or under ZeRO-3 on each module's gathered parameters, drawn on rank 0 (transformers does that itself when
+    it sees ZeRO-3 enabled). ``init_from`` weights likewise go straight into partitions under ZeRO-3.
+    """
     bert_config = build_bert_config(cfg, vocab_size)
+    torch.manual_seed(seed)
     if cfg.init_from:
         model, info = BertForPreTrainingSparse.from_pretrained(
             cfg.init_from, config=bert_config, attn_implementation=cfg.attn_implementation, output_loading_info=True
@@ -118,8 +128,12 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> BertForPreTrainingSparse:
             log.warning("initialised %d tensors missing from %s: %s", len(info["missing_keys"]), cfg.init_from, _summarize(info["missing_keys"]))
         if info["unexpected_keys"]:
             log.warning("ignored %d tensors of %s: %s", len(info["unexpected_keys"]), cfg.init_from, _summarize(info["unexpected_keys"]))
-    else:
+    elif is_deepspeed_zero3_enabled():
         model = BertForPreTrainingSparse._from_config(bert_config, attn_implementation=cfg.attn_implementation)
+    else:
+        with no_init_weights():
+            model = BertForPreTrainingSparse._from_config(bert_config, attn_implementation=cfg.attn_implementation)
+        model.init_weights()  # initialise, then tie the decoder to the word embeddings
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bert_ds import memory
 from bert_ds.cluster import dist, jit_ops, preflight
 from bert_ds.cluster.dist import RankInfo
 from bert_ds.config import ConfigError, RunConfig
@@ -46,6 +47,8 @@ class RunContext:
     backend: str
     """``nccl`` on GPUs, ``gloo`` on CPUs."""
     vocab: Vocab
+    memory_baseline: int = 0
+    """This process's RSS at the end of start-up (libraries imported, process group up, no model yet), in bytes."""
 
     @property
     def rank(self) -> int:
@@ -86,6 +89,7 @@ def start(cfg: RunConfig, env: MutableMapping[str, str] | None = None) -> RunCon
     env = os.environ if env is None else env
     ranks = dist.discover_ranks(env)
     configure_logging(ranks.rank)
+    memory.return_freed_memory()  # before any large tensor exists: see bert_ds.memory
     try:
         vocab, vocab_report = resolve_vocab(cfg), None
     except ConfigError as e:  # reported through the preflight, so rank 0 names the rank that cannot read it
@@ -129,4 +133,4 @@ def start(cfg: RunConfig, env: MutableMapping[str, str] | None = None) -> RunCon
     if precision != cfg.train.precision:
         log.info("precision %s (%s)", precision, why)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    return RunContext(cfg=cfg, ranks=ranks, device=device, backend=backend, vocab=vocab)
+    return RunContext(cfg=cfg, ranks=ranks, device=device, backend=backend, vocab=vocab, memory_baseline=memory.rss_bytes())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from bert_ds import checkpoint, metrics, startup
+from bert_ds import checkpoint, memory, metrics, startup
 from bert_ds.config import RunConfig, save_resolved
 from bert_ds.data.loader import train_loader
 from bert_ds.data.masking import IGNORE_INDEX
@@ -28,6 +28,7 @@ from bert_ds.ds_config import build_ds_config, save_ds_config
 from bert_ds.evaluation import evaluate
 from bert_ds.model import build_model
 from bert_ds.optim import apply_optimizer_config, build_optimizer, build_scheduler, configure_lamb_for_zero
+from bert_ds.zero.construction import partitioned_construction
 
 log = logging.getLogger("bert_ds")
 # running sums kept on the device between log steps, reduced over ranks in one all-reduce
@@ -87,6 +88,8 @@ def train(cfg: RunConfig) -> TrainResult:
     batches = iter(loader)
     eval_set = eval_dataset(cfg, ctx.vocab)
     global_batch = cfg.train.global_batch(ctx.world_size)
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: the whole parameter
+    theory = memory.theory_bytes(num_params, cfg.train.zero_stage, ctx.world_size, cfg.train.precision)
     throughput = metrics.Throughput.for_model(cfg.logging, engine.module.config, cfg.data.max_seq_length, ctx.world_size, ctx.device, ctx.precision)
     sink = metrics.build_sink(ctx.is_main and cfg.logging.tensorboard, run_dir / "tensorboard")
     _log_plan(cfg, ctx, throughput, sink, state.step)
@@ -108,7 +111,7 @@ def train(cfg: RunConfig) -> TrainResult:
             state.tokens_seen += int(totals["tokens"])
             result.train_metrics = _train_metrics(engine, totals, cfg)
             result.train_metrics.update(throughput.measure(samples_since_log, int(totals["tokens"]), totals["mlm_count"]))
-            result.train_metrics.update(metrics.memory_metrics(ctx.device))
+            result.train_metrics.update(memory.memory_metrics(ctx.device, theory, ctx.memory_baseline))
             sink.log(result.train_metrics, state.step)
             if state.step % console_every == 0 or last:
                 _console(state, cfg, result.train_metrics, time.perf_counter() - t_start, state.step - start_step)
@@ -187,8 +190,8 @@ def build_engine(cfg: RunConfig, ctx: startup.RunContext):
     if ctx.is_main:
         save_resolved(cfg, run_dir / "config.yaml")
         save_ds_config(ds_config, run_dir / "ds_config.json")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, ctx.vocab.size)
+    with partitioned_construction(ds_config):  # ZeRO-3: no rank ever holds the whole fp32 model
+        model = build_model(cfg.model, ctx.vocab.size, seed=cfg.seed)  # the same initial weights on every rank and stage
     if ctx.is_main:
         model.config.save_pretrained(run_dir)
     optimizer = build_optimizer(model, cfg.optimizer, ctx.device.type)

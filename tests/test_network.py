@@ -21,6 +21,9 @@ def test_the_store_listens_on_loopback_only_and_no_loader_worker_holds_its_socke
     assert rank0["listening"] == rank1["listening"] == ["127.0.0.1"]  # one listener, rank 0's, on the given address
     assert rank0["workers"] == rank1["workers"] == 1
     assert rank0["workers_holding_the_listener"] == rank1["workers_holding_the_listener"] == []
+    # DeepSpeed's CPU all-reduce buffers are no longer named in /dev/shm once the ranks have mapped them (each launch
+    # left 2 x 69 MB of memory there for good)
+    assert rank0["shared_memory_names"] == rank1["shared_memory_names"] == []
 
 
 @pytest.mark.parametrize("source", ["launcher", "slurm", "single"])

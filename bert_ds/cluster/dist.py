@@ -225,8 +225,28 @@ def init_process_group(ranks: RankInfo, device: torch.device, backend: str, stor
         timeout = timedelta(minutes=timeout_minutes)
         torch.distributed.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes))
+    _unlink_shared_memory_names(ranks.rank)
     log.info("rank %d/%d (local %d, from %s) on %s, backend %s, master %s:%s", ranks.rank, ranks.world_size, ranks.local_rank,
              ranks.source, device, backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+
+
+def _unlink_shared_memory_names(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped every buffer.
+
+    DeepSpeed's shared-memory comm op (CPU, all ranks on one node) creates a ~69 MB segment per rank named
+    ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`` (DeepSpeed 0.19's shm.cpp), maps
+    its peers' by name while initialising, and never unlinks them: every launch left its segments in /dev/shm, which
+    is memory (a test session left 8 GB). After the barrier every rank holds its mappings, so the names can go; the
+    memory is freed when the last rank exits, also when it is killed.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # no shared-memory op here (GPU, ranks on several nodes, another accelerator)
+        pass
 
 
 def shutdown() -> None:

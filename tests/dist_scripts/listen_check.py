@@ -57,7 +57,9 @@ def main() -> None:
     workers = [w.pid for w in batches._workers]
     held = sorted({listening[i] for pid in workers for i in socket_inodes(pid) if i in listening})
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"listening": sorted(set(listening.values())), "workers": len(workers), "workers_holding_the_listener": held}
+    shm = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*"))
+    result = {"listening": sorted(set(listening.values())), "workers": len(workers), "workers_holding_the_listener": held,
+              "shared_memory_names": shm}
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
     del batches
     dist.shutdown()
