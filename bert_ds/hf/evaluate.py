@@ -32,7 +32,7 @@ from bert_ds.config import ConfigError
 from bert_ds.data.pretraining import eval_dataset
 from bert_ds.data.vocab import resolve_vocab
 from bert_ds.evaluation import METRICS, eval_config, evaluate
-from bert_ds.hf.sources import CheckpointSource, load_pretraining_model, open_source
+from bert_ds.hf.sources import CheckpointSource, cpu_only_deepspeed, load_pretraining_model, open_source
 
 log = logging.getLogger("bert_ds.evaluate")
 # command-line flags -> the run-config keys they override
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-seq-length", type=int, help="tokens per sequence")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (does not change the numbers)")
     args = p.parse_args(argv)
+    cpu_only_deepspeed()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "bert_ds.data.pretraining"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

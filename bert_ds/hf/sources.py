@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,12 @@ EXPORT_INFO = "bert_ds_export.json"
 """Written into an exported directory: where it came from and the run's evaluation settings."""
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
+
+
+def cpu_only_deepspeed() -> None:
+    """The hand-off commands run in one CPU process. DeepSpeed, imported when a ZeRO checkpoint is read, would probe for
+    an accelerator and announce the CPU fallback on stdout, where their --json output goes: tell it the answer first."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # --------------------------------------------------------------------------- what the model should hold
