@@ -17,6 +17,7 @@ LISTED_TAGS = [
     "train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc", "train/nsp_acc", "train/lr", "train/grad_norm",
     "train/loss_scale", "train/skipped_steps", "train/samples_per_sec", "train/tokens_per_sec", "train/tflops_per_device",
     "train/mfu", "train/padding_fraction", "eval/mlm_loss", "eval/mlm_acc", "eval/perplexity", "eval/nsp_acc",
+    "train/peak_tflops_per_device", "train/memory_rss_gb", "train/memory_peak_gb", "train/memory_theory_gb",
 ]  # fmt: skip
 
 
@@ -81,6 +82,9 @@ def test_tensorboard_holds_every_listed_scalar_and_the_run_dir_its_files(learnin
     assert all(v > 0 for _, v in scalars["train/grad_norm"])
     assert all(0 < v < 1 for _, v in scalars["train/padding_fraction"])
     assert all(v > 0 for _, v in scalars["train/tokens_per_sec"])
+    # memory: the peak of each window is at least what the process holds at its end; the theory is above the libraries'
+    peak, rss, theory = (dict(scalars[f"train/memory_{k}_gb"]) for k in ("peak", "rss", "theory"))
+    assert all(peak[s] >= rss[s] * 0.99 for s in rss) and all(0.1 < theory[s] < 10 for s in theory)
     assert (run_dir / "config.yaml").exists() and json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 32
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text() == "step00000800"

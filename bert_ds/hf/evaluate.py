@@ -32,7 +32,7 @@ from bert_ds.config import ConfigError
 from bert_ds.data.pretraining import eval_dataset
 from bert_ds.data.vocab import resolve_vocab
 from bert_ds.evaluation import METRICS, eval_config, evaluate
-from bert_ds.hf.sources import CheckpointSource, cpu_only_deepspeed, load_pretraining_model, open_source
+from bert_ds.hf.sources import CheckpointSource, load_pretraining_model, open_source, start_command
 
 log = logging.getLogger("bert_ds.evaluate")
 # command-line flags -> the run-config keys they override
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-seq-length", type=int, help="tokens per sequence")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (does not change the numbers)")
     args = p.parse_args(argv)
-    cpu_only_deepspeed()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "bert_ds.data.pretraining"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start_command("bert_ds.data.pretraining")
     try:
         result = run(args.source, args.data, seed=args.seed, num_samples=args.num_samples, mask_prob=args.mask_prob,
                      max_seq_length=args.max_seq_length, micro_batch_size=args.micro_batch_size)  # fmt: skip

@@ -40,7 +40,7 @@ from bert_ds.config import ConfigError
 from bert_ds.data.metadata import read_metadata
 from bert_ds.data.vocab import load_tokenizer
 from bert_ds.files import atomic_directory
-from bert_ds.hf.sources import EXPORT_INFO, CheckpointSource, cpu_only_deepspeed, open_checkpoint, skeleton
+from bert_ds.hf.sources import EXPORT_INFO, CheckpointSource, open_checkpoint, skeleton, start_command
 
 log = logging.getLogger("bert_ds.export")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out_dir", help="the Hugging Face directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR as a whole (the old one stays until the new one is complete)")
     args = p.parse_args(argv)
-    cpu_only_deepspeed()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "tensorboard"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start_command("tensorboard")
     try:
         info = export(args.source, args.out_dir, overwrite=args.overwrite)
     except (CheckpointError, ConfigError) as e:

@@ -34,7 +34,7 @@ from transformers import BertForSequenceClassification
 from bert_ds.checkpoint import CheckpointError
 from bert_ds.config import ConfigError
 from bert_ds.data.vocab import TokenizerError, load_tokenizer
-from bert_ds.hf.sources import CheckpointSource, HFSource, cpu_only_deepspeed, load_into, open_source
+from bert_ds.hf.sources import CheckpointSource, HFSource, load_into, open_source, start_command
 from bert_ds.optim import build_param_groups, build_scheduler
 
 log = logging.getLogger("bert_ds.finetune")
@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-key", default="text")
     p.add_argument("--label-key", default="label")
     args = p.parse_args(argv)
-    cpu_only_deepspeed()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start_command()
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise SystemExit("finetune error: --epochs and --batch-size must be >= 1 and --lr > 0")
     try:

@@ -33,10 +33,14 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 
 
 
-def cpu_only_deepspeed() -> None:
-    """The hand-off commands run in one CPU process. DeepSpeed, imported when a ZeRO checkpoint is read, would probe for
-    an accelerator and announce the CPU fallback on stdout, where their --json output goes: tell it the answer first."""
+def start_command(*quiet: str) -> None:
+    """What each hand-off command does first: log at INFO to stderr (its result goes to stdout), and tell DeepSpeed
+    it runs on the CPU before it is imported (reading a ZeRO checkpoint imports it): it would probe for an
+    accelerator and announce the CPU fallback on stdout. ``quiet`` loggers, and DeepSpeed's, log warnings only."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("DeepSpeed", "deepspeed", *quiet):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------- what the model should hold
