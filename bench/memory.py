@@ -86,7 +86,7 @@ class Sampler:
                 tree = [root, *root.children(recursive=True)]
             except psutil.Error:
                 tree = [root]
-            ranks, tree_pss, tree_rss = {}, 0, 0
+            ranks, tree_pss, tree_rss, each = {}, 0, 0, []
             for p in tree:
                 try:
                     rss, p_pss = p.memory_info().rss, pss(p)
@@ -94,12 +94,13 @@ class Sampler:
                 except psutil.Error:
                     continue
                 tree_pss, tree_rss = tree_pss + p_pss, tree_rss + rss
+                each.append((p.pid, " ".join(cmdline)[:90], p_pss))
                 rank = next((int(a.split("=")[1]) for a in cmdline if a.startswith("--local_rank=")), None)
                 if rank is None and "bert_ds.export" in cmdline:
                     rank = 0
                 if rank is not None:
                     ranks[rank] = (rss, p_pss)
-            self.samples.append({"t": time.time(), "ranks": ranks, "tree_pss": tree_pss, "tree_rss": tree_rss})
+            self.samples.append({"t": time.time(), "ranks": ranks, "tree_pss": tree_pss, "tree_rss": tree_rss, "each": each})
             time.sleep(self.interval)
         self._reader.join(timeout=10)
         return self.proc.returncode
@@ -187,6 +188,7 @@ def run_stage(args, stage: int, work: Path, shards: Path, vocab: Path) -> dict:
             "ranks": {r: {part: {"peak_rss": peak(s, r, 0), "peak_pss": peak(s, r, 1), "median_rss": median(s, r, 0)}
                           for part, s in parts.items()} for r in range(args.ranks)},  # fmt: skip
             "tree_peak_pss": max(s["tree_pss"] for s in sampler.samples),
+            "tree_peak_processes": max(sampler.samples, key=lambda s: s["tree_pss"])["each"],
             "seconds": sampler.samples[-1]["t"] - sampler.samples[0]["t"],
         }
     export_dir = work / f"zero{stage}_hf"
@@ -212,10 +214,10 @@ def run_stage(args, stage: int, work: Path, shards: Path, vocab: Path) -> dict:
 
 def report(results: list[dict], args) -> None:
     print(f"\nmemory per rank, {args.preset} ({results[0]['num_params'] / 1e6:.0f}M parameters), {args.ranks} ranks, {args.precision}, "
-          f"LAMB, micro-batch {args.micro_batch} x seq {args.seq}; GB = 1e9 bytes; 'above base' = minus the rank's RSS when its "
-          "preflight ended (libraries imported, no model)\n")  # fmt: skip
-    print("| ZeRO | rank | base | theory (states + activations) | steady above base | steady / theory | start-up peak | eval peak "
-          "| save peak | resume start-up peak | resume save peak | peaks / steady (max) |")
+          f"LAMB, micro-batch {args.micro_batch} x seq {args.seq}; GB = 1e9 bytes of RSS; every figure but 'base' is above the base, "
+          "the rank's RSS when its preflight ended (libraries imported, no model); steady = median over training steps 2..N\n")  # fmt: skip
+    print("| ZeRO | rank | base | theory (states + activations) | steady | steady / theory | start-up peak | eval peak "
+          "| save peak | resume start-up peak | resume save peak | highest peak / steady |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         train, resume = r["phases"]["train"], r["phases"]["resume"]
@@ -225,10 +227,10 @@ def report(results: list[dict], args) -> None:
             t, s = train["ranks"][rank], resume["ranks"][rank]
             steady = t["steady"]["median_rss"]
             peaks = [t["start-up"]["peak_rss"], t["save"]["peak_rss"], s["start-up"]["peak_rss"], s["save"]["peak_rss"], t["evaluation"]["peak_rss"]]
+            above = [(p - base) / GB for p in peaks]
             print(f"| {r['stage']} | {rank} | {base / GB:.2f} | {r['theory_states'] / GB:.2f} + {r['theory_activations'] / GB:.2f} | "
-                  f"{(steady - base) / GB:.2f} | {(steady - base) / theory:.2f} | {t['start-up']['peak_rss'] / GB:.2f} | "
-                  f"{t['evaluation']['peak_rss'] / GB:.2f} | {t['save']['peak_rss'] / GB:.2f} | {s['start-up']['peak_rss'] / GB:.2f} | "
-                  f"{s['save']['peak_rss'] / GB:.2f} | {max((p - base) for p in peaks) / max(steady - base, 1):.2f} |")  # fmt: skip
+                  f"{(steady - base) / GB:.2f} | {(steady - base) / theory:.2f} | {above[0]:.2f} | {above[4]:.2f} | {above[1]:.2f} | "
+                  f"{above[2]:.2f} | {above[3]:.2f} | {max(above) * GB / max(steady - base, 1):.2f} |")  # fmt: skip
     print("\n| ZeRO | whole tree peak PSS: train+eval+save | resume | export (1 process) | export peak RSS / fp32 model |")
     print("|---|---|---|---|---|")
     for r in results:
