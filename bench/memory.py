@@ -165,9 +165,9 @@ def run_stage(args, stage: int, work: Path, shards: Path, vocab: Path) -> dict:
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")), "PYTHONPATH": str(REPO)}  # fmt: skip
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     phases: dict[str, dict] = {}
-    for name, steps in (("train", args.steps), ("resume", args.steps + 2)):
+    for name, steps, resume in (("train", args.steps, "none"), ("resume", args.steps + 2, "auto")):
         cmd = [launcher, "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "--module", "bert_ds.train", str(config), f"train.max_steps={steps}"]  # fmt: skip
+               "--module", "bert_ds.train", str(config), f"train.max_steps={steps}", f"checkpoint.resume={resume}"]  # fmt: skip
         log(f"ZeRO-{stage} {name}: {' '.join(cmd[1:])}")
         sampler = Sampler(cmd, env, work / f"zero{stage}_{name}.log")
         code = sampler.run(args.timeout)
