@@ -299,15 +299,15 @@ def restore(engine, cfg: RunConfig, rank: int, world_size: int) -> Restored:
 
 def _one_timeline(checkpoint_dir: Path, start_step: int, overwrite: bool, rank: int) -> None:
     newer = [name for name in complete_tags(checkpoint_dir) if tag_step(name) > start_step]
-    if not newer:
-        return
-    if not overwrite:
+    # every rank has looked before rank 0 deletes anything, and every rank passes the same barriers whatever it saw
+    _barrier()
+    if newer and not overwrite:
         raise CheckpointError(
             f"{checkpoint_dir} holds checkpoints newer than where this run starts (step {start_step}): {', '.join(newer)}. "
             "checkpoint.resume=auto continues from the newest; set checkpoint.overwrite=true to delete them and start here, "
             "or use another run_dir"
         )
-    if rank == 0:
+    if newer and rank == 0:
         log.warning("checkpoint.overwrite: deleting %s, newer than step %d where this run starts", ", ".join(newer), start_step)
         for name in newer:
             (checkpoint_dir / name / COMPLETE_MARKER).unlink(missing_ok=True)

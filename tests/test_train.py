@@ -183,12 +183,17 @@ def two_rank_runs(pretraining_shards, tmp_path_factory) -> Path:
     # the accumulation test's global batch of 16 as 2 ranks x 8 (its 1-process runs are in one_process_runs)
     runs.append((write_run_config(d / "split.yaml", pretraining_shards, d / "split", **SPLIT,
                                   train={"max_steps": 8, "micro_batch_size": 8, "grad_accum_steps": 1, "log_interval": 1}),))  # fmt: skip
+    # a run that starts over in a run_dir with a checkpoint of its own (checkpoint.overwrite): every rank must agree
+    over = dict(train={"max_steps": 2, "micro_batch_size": 8, "log_interval": 1}, eval={"num_samples": 16})
+    runs.append((write_run_config(d / "over.yaml", pretraining_shards, d / "over", **over),))
+    runs.append((d / "over.yaml", "checkpoint.resume=none", "checkpoint.overwrite=true", "train.max_steps=1"))
     # phase 1 and a phase 2 that takes its LAMB state (checkpoint.load_optimizer_state), with other settings, ZeRO-2
     runs.append((write_run_config(d / "opt_p1.yaml", pretraining_shards, d / "opt_p1", **OPTIMIZER_PHASE_ONE),))
     runs.append((write_run_config(d / "opt_p2.yaml", pretraining_shards, d / "opt_p2", **OPTIMIZER_PHASE_TWO,
                                   checkpoint={"init_from": str(d / "opt_p1"), "load_optimizer_state": True}),))  # fmt: skip
     launch = train_runs(*runs, num_ranks=2, record_optimizer=True)
-    (d / "results.json").write_text(json.dumps(dict(zip((Path(r[0]).stem for r in runs), launch.results, strict=True))))
+    names = [Path(r[0]).stem + ("_again" if len(r) > 1 and "checkpoint.overwrite=true" in r else "") for r in runs]
+    (d / "results.json").write_text(json.dumps(dict(zip(names, launch.results, strict=True))))
     return d
 
 
@@ -365,6 +370,16 @@ def test_phase_two_with_loaded_optimizer_state_steps_with_its_own_settings(two_r
     assert step == 2 and sorted({g["weight_decay"] for call in steps for g in call}) == [0.0, 0.01]
     # and phase 1 itself ran with its own settings (the recorder sees what it claims to)
     assert {tuple(g["betas"]) for call in results["opt_p1"]["optimizer_steps"] for g in call} == {(0.8, 0.9)}
+
+
+@pytest.mark.slow
+def test_starting_over_deletes_the_runs_newer_checkpoints_on_every_rank_alike(two_rank_runs):
+    """checkpoint.overwrite on 2 ranks: rank 0 deleted the newer checkpoint while rank 1 had not looked yet, so rank 1
+    skipped a barrier rank 0 waited at, and the ranks' collectives deadlocked (found by bench/memory.py)."""
+    results = json.loads((two_rank_runs / "results.json").read_text())
+    again = results["over_again"]
+    assert results["over"]["state"]["step"] == 2 and again["state"]["step"] == 1 and again["resumed_from"] is None
+    assert sorted(p.name for p in (two_rank_runs / "over" / "checkpoints").iterdir() if p.is_dir()) == ["step00000001"]
 
 
 @pytest.mark.slow
