@@ -256,10 +256,16 @@ def main(argv=None) -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bert_ds_memory_"))
     work.mkdir(parents=True, exist_ok=True)
     shards, vocab = prepare(work, args.corpus)
-    results = [run_stage(args, stage, work, shards, vocab) for stage in args.stages]
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    report(results, args)
+    results = []
+    for stage in args.stages:  # each stage's results are kept even if a later one fails (e.g. out of memory)
+        try:
+            results.append(run_stage(args, stage, work, shards, vocab))
+        except SystemExit as e:
+            log(str(e))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    if results:
+        report(results, args)
 
 
 if __name__ == "__main__":
