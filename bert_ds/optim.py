@@ -134,8 +134,8 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # flat partition tensor -> its layout; derived from the engine each run, so never checkpointed
         self._flat_layouts: dict[torch.Tensor, FlatLayout] = {}
-        # flat partition tensor -> (piece lengths, piece parameter index) covering it, see FlatLayout.pieces
-        self._flat_pieces: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+        # flat partition tensor -> the parameter index of each of its segments, on its device
+        self._segment_params: dict[torch.Tensor, torch.Tensor] = {}
 
     def set_flat_layout(self, flat: torch.Tensor, layout: FlatLayout | None) -> None:
         """Declare that ``flat`` (a tensor in ``param_groups``) holds the parameter slices in ``layout``.
@@ -144,14 +144,13 @@ class Lamb(torch.optim.Optimizer):
         """
         if layout is None:
             self._flat_layouts.pop(flat, None)
-            self._flat_pieces.pop(flat, None)
+            self._segment_params.pop(flat, None)
             return
         if flat.dim() != 1 or flat.numel() != layout.numel:
             raise ValueError(f"layout of {layout.numel} elements given for a tensor of shape {tuple(flat.shape)}")
         self._flat_layouts[flat] = layout
-        lengths, keys = layout.pieces()
         # built once: a per-step torch.tensor(list) would be a host-to-device copy every step
-        self._flat_pieces[flat] = (torch.tensor(lengths, device=flat.device), torch.tensor(keys, device=flat.device))
+        self._segment_params[flat] = torch.tensor([seg.param_index for seg in layout.segments], dtype=torch.long, device=flat.device)
 
     @property
     def flat_layouts(self) -> dict[torch.Tensor, FlatLayout]:
@@ -159,7 +158,13 @@ class Lamb(torch.optim.Optimizer):
         return self._flat_layouts
 
     def _adam_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Advance the moments of ``p`` and return its update direction (before trust ratio and lr)."""
+        """Advance the moments of ``p`` and return its update direction (before trust ratio and lr).
+
+        The update is written into ``p.grad`` when that is an fp32 tensor, as apex's FusedLAMB does: the
+        gradient is not needed once the moments have it, and under ZeRO a partition-sized temporary is
+        hundreds of MB (BERT-large, ZeRO-1 on 2 ranks: 670 MB each). So after :meth:`step`, ``p.grad``
+        holds the update, not the gradient; DeepSpeed and the trainer read gradients only before the step.
+        """
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError("Lamb does not support sparse gradients")
@@ -172,7 +177,6 @@ class Lamb(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        grad = grad.float()
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         if group["bias_correction"]:
@@ -180,10 +184,13 @@ class Lamb(torch.optim.Optimizer):
             bc2 = 1.0 - beta2 ** state["step"]
         else:
             bc1 = bc2 = 1.0
-        denom = (exp_avg_sq / bc2).sqrt_().add_(group["eps"])
-        update = (exp_avg / bc1).div_(denom)
+        update = grad if grad.dtype == torch.float32 and grad.shape == exp_avg.shape else torch.empty_like(exp_avg)
+        torch.div(exp_avg_sq, bc2, out=update).sqrt_().add_(group["eps"])  # the denominator, in place
+        torch.div(exp_avg, update, out=update)
+        if bc1 != 1.0:
+            update.div_(bc1)
         if group["weight_decay"] != 0.0:
-            update.add_(p.float(), alpha=group["weight_decay"])
+            update.add_(p, alpha=group["weight_decay"])
         return update
 
     @torch.no_grad()
@@ -210,7 +217,7 @@ class Lamb(torch.optim.Optimizer):
                     partitioned.append((p, update, group, layout))
                 else:
                     # norms stay on the device: a .item() here would be a host-device sync per parameter
-                    w_norm = torch.linalg.vector_norm(p.float())
+                    w_norm = torch.linalg.vector_norm(p, dtype=torch.float32)
                     ratio = _trust_ratio(w_norm, torch.linalg.vector_norm(update), group["max_trust_ratio"])
                     p.add_(update.mul_(ratio).to(p.dtype), alpha=-group["lr"])
 
@@ -219,17 +226,24 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
     def _step_partitioned(self, items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], FlatLayout]]) -> None:
-        """Apply per-parameter trust ratios to flat partitions, summing the norms over all ranks."""
+        """Apply per-parameter trust ratios to flat partitions, summing the norms over all ranks.
+
+        Everything works on views of the local segments (torch's multi-tensor ``_foreach`` kernels, which
+        ``clip_grad_norm_`` uses too): no partition-sized temporary. Padding between segments holds zero
+        weights and a zero update and is left out.
+        """
         # Per flat tensor: partial sums of w**2 and update**2 for each parameter of its group (zero for
-        # parameters not held here), as rows [w2, u2]; the last row collects the padding and is dropped.
-        partial = []
+        # parameters not held here), as rows [w2, u2].
+        partial, update_views = [], []
         for p, update, _, layout in items:
-            lengths, keys = self._flat_pieces[p]
-            # one partition-sized temporary at a time
-            w_sq = torch.segment_reduce(p.float().square(), "sum", lengths=lengths)
-            u_sq = torch.segment_reduce(update.square(), "sum", lengths=lengths)
-            sums = torch.zeros(layout.num_params + 1, 2, device=p.device).index_add_(0, keys, torch.stack([w_sq, u_sq], 1))
-            partial.append(sums[: layout.num_params])
+            w_parts = [p[seg.start : seg.start + seg.length] for seg in layout.segments]
+            u_parts = [update[seg.start : seg.start + seg.length] for seg in layout.segments]
+            update_views.append(u_parts)
+            sums = torch.zeros(layout.num_params, 2, device=p.device)
+            if layout.segments:
+                norms = torch.stack([torch.stack(torch._foreach_norm(w_parts)), torch.stack(torch._foreach_norm(u_parts))], 1)
+                sums.index_add_(0, self._segment_params[p], norms.float().square())
+            partial.append(sums)
 
         # One all-reduce per process group (normally just the data-parallel group), not per tensor.
         by_group: dict[int, list[int]] = {}
@@ -242,14 +256,12 @@ class Lamb(torch.optim.Optimizer):
             for i, chunk in zip(indices, packed.split([len(partial[i]) for i in indices]), strict=True):
                 partial[i] = chunk
 
-        for (p, update, group, layout), sums in zip(items, partial, strict=True):
-            lengths, keys = self._flat_pieces[p]
-            norms = sums.sqrt()
-            ratios = _trust_ratio(norms[:, 0], norms[:, 1], group["max_trust_ratio"])
-            # padding elements get ratio 1; their update is 0 anyway (zero weight, zero gradient)
-            ratios = torch.cat([ratios, ratios.new_ones(1)])
-            scale = ratios[keys].repeat_interleave(lengths, output_size=layout.numel)
-            p.add_(update.mul_(scale).to(p.dtype), alpha=-group["lr"])
+        for (p, update, group, layout), sums, u_parts in zip(items, partial, update_views, strict=True):
+            if layout.segments:
+                norms = sums.sqrt()
+                ratios = _trust_ratio(norms[:, 0], norms[:, 1], group["max_trust_ratio"])
+                torch._foreach_mul_(u_parts, list(ratios[self._segment_params[p]].unbind()))
+            p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 def configure_lamb_for_zero(engine: Any) -> int:

@@ -65,23 +65,6 @@ class FlatLayout:
         if end > self.numel:
             raise ValueError(f"segments end at element {end}, past the flat tensor's {self.numel} elements")
 
-    def pieces(self) -> tuple[list[int], list[int]]:
-        """Cover the flat tensor with consecutive pieces: (lengths, param index or ``num_params`` for padding)."""
-        lengths: list[int] = []
-        keys: list[int] = []
-        pos = 0
-        for seg in self.segments:
-            if seg.start > pos:
-                lengths.append(seg.start - pos)
-                keys.append(self.num_params)
-            lengths.append(seg.length)
-            keys.append(seg.param_index)
-            pos = seg.start + seg.length
-        if pos < self.numel:
-            lengths.append(self.numel - pos)
-            keys.append(self.num_params)
-        return lengths, keys
-
 
 def contiguous_partition_segments(
     param_numels: Sequence[int], param_offsets: Sequence[int], partition_start: int, partition_size: int
