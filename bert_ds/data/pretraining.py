@@ -72,6 +72,7 @@ NEXT_IS_RANDOM = 1
 _ORDER_STREAM = 0x4F524452  # "ORDR": per-shard epoch permutations
 _PAIR_STREAM = 0x50414952  # "PAIR": target length, split, NSP/SOP coin, random document, truncation
 _MASK_STREAM = 0x4D41534B  # "MASK": MLM masks
+_PACK_STREAM = 0x5041434B  # "PACK": the order of a packing window's rows
 # documents per anchor-building block are chosen so a block holds about this many
 # sentences: bounds the temporaries (~6 int64 arrays) for shards of any size
 _ANCHOR_BLOCK_SENTENCES = 1 << 20
@@ -633,7 +634,8 @@ class PackedPretrainingDataset(Dataset):
 
     Which pairs share a row: epoch ``e``'s pairs (``pairs.sample(e, 0..n-1)``, whose order is already a shuffle)
     are cut into windows of ``window`` consecutive indices, and each window is packed by first-fit decreasing
-    (:func:`first_fit_decreasing`); a window's rows follow its bins' order, a row's pairs their indices. So a row is
+    (:func:`first_fit_decreasing`); a window's rows are shuffled (seeded by (seed, epoch, window)), a row's pairs
+    follow their indices. So a row is
     a pure function of (seed, epoch, its window), every pair of the epoch is trained exactly once, any process
     builds the same rows without communicating (ranks read disjoint rows as they read samples), and resume is exact.
 
@@ -684,8 +686,12 @@ class PackedPretrainingDataset(Dataset):
         lengths = np.fromiter((self.pairs.pair_length(epoch, j) for j in range(n)), dtype=np.int64, count=n)
         order, row_starts = [], [0]
         for first in range(0, n, self.window):
-            for row in first_fit_decreasing(lengths[first : first + self.window], self.max_seq_length):
-                order.extend(sorted(first + i for i in row))
+            rows = first_fit_decreasing(lengths[first : first + self.window], self.max_seq_length)
+            # first-fit decreasing opens rows longest pair first: shuffled, or a window's batches would run from
+            # rows of one long pair to rows of many short ones
+            shuffle = np.random.default_rng([_PACK_STREAM, self.seed, epoch, first // self.window]).permutation(len(rows))
+            for r in shuffle.tolist():
+                order.extend(sorted(first + i for i in rows[r]))
                 row_starts.append(len(order))
         plan = (np.asarray(order, dtype=_index_dtype(n)), np.asarray(row_starts, dtype=np.int64))
         self._plans[epoch] = plan
