@@ -176,6 +176,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> BertForPreTrain
     return model
 
 
+def freeze_nsp_head(model: BertForPreTrainingSparse) -> None:
+    """MLM-only training (``data.nsp_mode: none``): the pooler and the NSP head get no gradient and no optimizer state."""
+    for module in (model.bert.pooler, model.cls.seq_relationship):
+        if module is not None:
+            module.requires_grad_(False)
+
+
 def _summarize(keys, limit: int = 6) -> str:
     keys = sorted(keys)  # transformers 5 reports sets
     shown = ", ".join(keys[:limit])
