@@ -11,6 +11,8 @@ Needs ../shared/corpora/zh-fortunes.txt (5,263 short documents) and python-docs.
    ``python -m bert_ds.train``), the same micro batch of ``--micro-batch`` rows, fp32, ZeRO 0, AdamW. Reported:
    non-padding tokens/s (``train/tokens_per_sec``, the mean of the logged windows after the first), pairs/s,
    padding fraction and pairs per row, and the packed/unpacked tokens/s ratio.
+   ``--part model``: the same comparison for the model's forward and backward alone, in one process (1 thread),
+   packed and unpacked batches alternating so the load of a shared machine falls on both alike.
 2. **Learning per token**: zh-fortunes at 128, the ``tiny`` preset, ``--seeds`` seeds per arm on 2 ranks.
    Unpacked rows carry ~1.9x fewer tokens than packed ones (48% padding), so the unpacked arm uses micro batch
    ``2 * --learning-micro-batch`` and the packed arm ``--learning-micro-batch``: the same steps, learning rate and
@@ -156,14 +158,59 @@ def learning(py: str, tmp: Path, args) -> dict:
     return summary
 
 
+def model_only(py: str, tmp: Path, args) -> list[dict]:
+    """Forward + backward of the ``mini`` model alone (one process), packed and unpacked batches alternating, so a
+    shared machine's load falls on both alike: non-padding tokens per second of model time."""
+    import time
+
+    import torch
+
+    from bert_ds.config import load_run_config
+    from bert_ds.data.loader import collate
+    from bert_ds.data.pretraining import train_dataset
+    from bert_ds.data.vocab import resolve_vocab
+    from bert_ds.model import build_model
+
+    cases = [("zh-fortunes", args.zh, 128), ("zh-fortunes", args.zh, 512), ("python-docs", args.en, 128)]
+    rows = []
+    for name, corpus, seq in cases:
+        data = shards(py, corpus, tmp / name)
+        config = run_config(tmp / f"model_{name}_{seq}.yaml", data, tmp / "unused", data={"max_seq_length": seq})
+        batches, model = {}, None
+        for packing in (False, True):
+            cfg = load_run_config(config, [f"data.packing={str(packing).lower()}"])
+            vocab = resolve_vocab(cfg)
+            ds = train_dataset(cfg, vocab)
+            batches[packing] = [collate([ds[b * args.micro_batch + i] for i in range(args.micro_batch)]) for b in range(args.model_batches)]
+            model = model or build_model(cfg.model, vocab.size, seed=0)
+        seconds, tokens = {False: 0.0, True: 0.0}, {False: 0, True: 0}
+        for b in range(args.model_batches):
+            for packing in (False, True):
+                batch = batches[packing][b]
+                t0 = time.perf_counter()
+                out = model(**batch)
+                (out.mlm_loss_sum + out.nsp_loss_sum).backward()
+                model.zero_grad(set_to_none=True)
+                if b:  # the first batch of each kind warms up
+                    seconds[packing] += time.perf_counter() - t0
+                    tokens[packing] += int(batch["attention_mask"].sum())
+        rate = {k: tokens[k] / seconds[k] for k in seconds}
+        result = {"corpus": name, "seq": seq, "unpacked_tokens_per_sec": round(rate[False], 1), "packed_tokens_per_sec": round(rate[True], 1),
+                  "ratio": round(rate[True] / rate[False], 2)}
+        print(json.dumps(result), flush=True)
+        rows.append(result)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("speed", "learning", "all"), default="all")
+    p.add_argument("--part", choices=("speed", "model", "learning", "all"), default="all")
     p.add_argument("--zh", type=Path, default=SHARED / "zh-fortunes.txt")
     p.add_argument("--en", type=Path, default=SHARED / "python-docs.txt")
     p.add_argument("--steps", type=int, default=25, help="speed: steps per run")
     p.add_argument("--log-interval", type=int, default=5, help="speed: steps per throughput window")
     p.add_argument("--micro-batch", type=int, default=8, help="speed: rows per rank per step, both arms")
+    p.add_argument("--model-batches", type=int, default=6, help="model: batches of each kind (the first warms up)")
     p.add_argument("--seeds", type=int, default=3, help="learning: seeds per arm")
     p.add_argument("--learning-steps", type=int, default=150)
     p.add_argument("--learning-micro-batch", type=int, default=8, help="learning: packed rows per rank (unpacked: twice as many)")
@@ -175,6 +222,8 @@ def main() -> None:
         out = {}
         if args.part in ("speed", "all"):
             out["speed"] = speed(py, tmp, args)
+        if args.part in ("model", "all"):
+            out["model"] = model_only(py, tmp, args)
         if args.part in ("learning", "all"):
             out["learning"] = learning(py, tmp, args)
     print(json.dumps(out))
