@@ -90,7 +90,7 @@ _BERT_MAX_POSITION_EMBEDDINGS = 512
 
 _PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _DEVICES = ("auto", "cpu", "cuda")
-_NSP_MODES = ("nsp", "sop")
+_NSP_MODES = ("nsp", "sop", "none")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _OPTIMIZERS = ("lamb", "adamw")
 _SCHEDULERS = ("linear", "polynomial", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup")
@@ -351,11 +351,19 @@ class DataConfig:
     refused, naming it, rather than masked character by character."""
 
     max_predictions_per_seq: int = 0
-    """Cap on masked positions per sequence. 0: derived, see :meth:`max_predictions`."""
+    """Cap on masked positions per sequence: per pair when pairs are packed (``packing``), per row of MLM-only
+    rows. 0: derived, see :meth:`max_predictions`."""
 
     nsp_mode: str = "nsp"
-    """Sentence-pair task: ``nsp`` (next-sentence prediction, random-document negatives) or
-    ``sop`` (sentence-order prediction, ALBERT: negatives are the two segments swapped)."""
+    """Sentence-pair task: ``nsp`` (next-sentence prediction, random-document negatives), ``sop`` (sentence-order
+    prediction, ALBERT: negatives are the two segments swapped) or ``none``: masked LM alone on rows of consecutive
+    text (the documents in order, a [SEP] between two; RoBERTa's full-sentences rows, Hugging Face ``run_mlm.py``'s
+    objective), packed by construction; no NSP head in the step, no NSP metrics."""
+
+    packing: bool = False
+    """Pack several complete sentence pairs into each row of ``max_seq_length`` tokens (each keeps its own [CLS],
+    token types and positions; attention never crosses pairs; NSP/SOP predicted at every pair's [CLS]). Removes
+    padding on short-document corpora. ``train.micro_batch_size`` then counts rows, not pairs (README: Packing)."""
 
     num_workers: int = 1
     """DataLoader worker processes per rank (0: load in the training process)."""

@@ -50,12 +50,14 @@ def evaluate(model, eval_set: PretrainingDataset, micro_batch_size: int, rank: i
         tdist.all_reduce(sums)
     mlm_loss_sum, mlm_correct, mlm_n, nsp_correct, nsp_n = sums.tolist()
     mlm_loss = mlm_loss_sum / max(mlm_n, 1)
-    return {
+    result = {
         "eval/mlm_loss": mlm_loss,
         "eval/mlm_acc": mlm_correct / max(mlm_n, 1),
         "eval/perplexity": math.exp(min(mlm_loss, 50.0)),
-        "eval/nsp_acc": nsp_correct / max(nsp_n, 1),
     }
+    if nsp_n:  # MLM-only rows (data.nsp_mode: none) have no pairs to score
+        result["eval/nsp_acc"] = nsp_correct / nsp_n
+    return result
 
 
 def _max_over_ranks(value: int, device: torch.device) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bert_ds.config import LoggingConfig
-from bert_ds.model import training_flops
+from bert_ds.model import training_flops, useful_training_flops
 from bert_ds.precision import DTYPES
 
 log = logging.getLogger("bert_ds")
@@ -147,7 +147,7 @@ class Throughput:
     """
 
     def __init__(self, flops_fn, world_size: int, peak_tflops_per_device: float, peak_source: str = ""):
-        self.flops_fn = flops_fn  # (samples, masked tokens) -> model FLOPs
+        self.flops_fn = flops_fn  # (samples, masked tokens[, tokens, squared pair lengths]) -> model FLOPs
         self.world_size = world_size
         self.peak = peak_tflops_per_device
         self.peak_source = peak_source
@@ -158,11 +158,18 @@ class Throughput:
     def for_model(cls, cfg: LoggingConfig, bert_config, seq_length: int, world_size: int, device: torch.device, precision: str) -> Throughput:
         """Throughput of training ``bert_config`` on ``seq_length``-token samples, MFU against :func:`peak_tflops`.
 
-        FLOPs count the masked tokens actually predicted, not the cap, and never activation recomputation
-        (``bert_ds.model.training_flops``: useful work only, as MFU is defined).
+        FLOPs count the masked tokens actually predicted, not the cap, never activation recomputation, and, when
+        :meth:`measure` is given the squared pair lengths, only non-padding tokens and each pair's own attention
+        (``bert_ds.model.useful_training_flops``: useful work only, as MFU is defined; packed or not).
         """
         peak, source = peak_tflops(cfg, device, precision)
-        return cls(lambda samples, masked: training_flops(bert_config, seq_length, samples, masked), world_size, peak, source)
+
+        def flops(samples, masked, tokens=None, squared_lengths=None):
+            if tokens is None:
+                return training_flops(bert_config, seq_length, samples, masked)
+            return useful_training_flops(bert_config, tokens, squared_lengths, samples, masked)
+
+        return cls(flops, world_size, peak, source)
 
     def reset(self) -> None:
         self._t = time.perf_counter()
@@ -176,11 +183,13 @@ class Throughput:
         finally:
             self._paused += time.perf_counter() - t0
 
-    def measure(self, samples: int, tokens: int, masked: float) -> dict[str, float]:
+    def measure(self, samples: int, tokens: int, masked: float, squared_lengths: float | None = None) -> dict[str, float]:
+        """Rates since the last call: ``samples`` are pairs (several per row when packed), ``tokens`` non-padding ones."""
         now = time.perf_counter()
         seconds = max(now - self._t - self._paused, 1e-9)
         self._t, self._paused = now, 0.0
-        tflops = self.flops_fn(samples, masked) / seconds / 1e12 / self.world_size
+        work = self.flops_fn(samples, masked) if squared_lengths is None else self.flops_fn(samples, masked, tokens, squared_lengths)
+        tflops = work / seconds / 1e12 / self.world_size
         return {
             "train/samples_per_sec": samples / seconds,
             "train/tokens_per_sec": tokens / seconds,

@@ -58,39 +58,76 @@ class PretrainingOutput:
         return (self.nsp_loss_sum / self.nsp_count.clamp(min=1)).detach()
 
 
+def block_diagonal_mask(pair_ids: torch.Tensor) -> torch.Tensor:
+    """bool ``(batch, 1, seq, seq)``: position ``i`` may attend to ``j`` iff both belong to the same pair.
+
+    Padding (pair id -1) forms a block of its own, so every query row has a key to attend to (an all-False row
+    makes some SDPA kernels return NaN). e.g. pair ids ``[0, 0, 1, 1, 1, -1]`` -> blocks of 2, 3 and 1.
+    """
+    return (pair_ids[:, :, None] == pair_ids[:, None, :])[:, None]
+
+
 class BertForPreTrainingSparse(BertForPreTraining):
+    """Inputs are one pair per row (``attention_mask`` over the padding), or packed rows (``data.packing``:
+    ``pair_ids``, ``position_ids`` and ``cls_positions`` too; ``next_sentence_label`` one per ``cls_positions``
+    entry, -100 past the row's pairs), or MLM-only rows (no ``next_sentence_label``: no NSP head, no NSP loss)."""
+
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
-        next_sentence_label: torch.Tensor,
+        next_sentence_label: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pair_ids: torch.Tensor | None = None,
+        cls_positions: torch.Tensor | None = None,
     ) -> PretrainingOutput:
+        if pair_ids is not None:
+            # transformers' BertModel passes a 4-D mask through unchanged: SDPA takes it as bool (True = attend),
+            # the eager kernel adds it, so it gets 0 / the dtype's minimum there
+            attention_mask = block_diagonal_mask(pair_ids)
+            if self.config._attn_implementation != "sdpa":
+                attention_mask = torch.zeros(attention_mask.shape, dtype=self.dtype, device=pair_ids.device).masked_fill(
+                    ~attention_mask, torch.finfo(self.dtype).min
+                )
         sequence_output, pooled_output = self.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=False
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            return_dict=False,
         )[:2]
         masked = labels != IGNORE_INDEX
         # boolean indexing: a device-to-host sync on GPU (the number of masked rows), paid once per micro-batch
         masked_hidden = sequence_output[masked]
         masked_labels = labels[masked]
         mlm_logits = self.cls.predictions(masked_hidden)
-        nsp_logits = self.cls.seq_relationship(pooled_output)
         # losses in fp32 whatever the compute dtype: log-softmax over 30k classes loses precision in bf16
         mlm_logits = mlm_logits.float()
         mlm_loss_sum = F.cross_entropy(mlm_logits, masked_labels, reduction="sum")  # 0 when nothing is masked
-        nsp_loss_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
+        zero = mlm_loss_sum.new_zeros(())
+        nsp_loss_sum, nsp_correct, nsp_count = zero, zero.long(), zero.long()
+        if next_sentence_label is not None:
+            if cls_positions is not None:
+                # every pair's [CLS] through the pooler (the stock pooler reads position 0 only)
+                real = next_sentence_label != IGNORE_INDEX
+                cls_hidden = sequence_output[torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(cls_positions)[real],
+                                             cls_positions[real]]
+                pooled_output = self.bert.pooler.activation(self.bert.pooler.dense(cls_hidden))
+                next_sentence_label = next_sentence_label[real]
+            nsp_logits = self.cls.seq_relationship(pooled_output).float()
+            nsp_loss_sum = F.cross_entropy(nsp_logits, next_sentence_label, reduction="sum")
+            nsp_count = torch.tensor(next_sentence_label.numel(), device=labels.device)
+            with torch.no_grad():
+                nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
         with torch.no_grad():
             # argmax on the fp32 copy: on CPU a bf16 argmax over 30k classes costs ~5x more
             mlm_correct = (mlm_logits.argmax(-1) == masked_labels).sum()
-            nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
         return PretrainingOutput(
             mlm_loss_sum=mlm_loss_sum,
             nsp_loss_sum=nsp_loss_sum,
             mlm_correct=mlm_correct,
             mlm_count=torch.tensor(masked_labels.numel(), device=labels.device),
             nsp_correct=nsp_correct,
-            nsp_count=torch.tensor(next_sentence_label.numel(), device=labels.device),
+            nsp_count=nsp_count,
         )
 
 
@@ -139,6 +176,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> BertForPreTrain
     return model
 
 
+def freeze_nsp_head(model: BertForPreTrainingSparse) -> None:
+    """MLM-only training (``data.nsp_mode: none``): the pooler and the NSP head get no gradient and no optimizer state."""
+    for module in (model.bert.pooler, model.cls.seq_relationship):
+        if module is not None:
+            module.requires_grad_(False)
+
+
 def _summarize(keys, limit: int = 6) -> str:
     keys = sorted(keys)  # transformers 5 reports sets
     shown = ", ".join(keys[:limit])
@@ -156,6 +200,19 @@ def training_flops(config: BertConfig, seq_length: int, num_samples: float, num_
     per_sample = layers * (4 * h * h + 2 * h * i + 2 * seq_length * h) * seq_length + (h * h + 2 * h)
     per_masked = h * h + h * v
     return 3 * 2 * (num_samples * per_sample + num_masked * per_masked)
+
+
+def useful_training_flops(config: BertConfig, tokens: float, squared_lengths: float, pairs: float, num_masked: float) -> float:
+    """Model FLOPs of training on ``tokens`` non-padding tokens (fwd + bwd = 3x fwd): what MFU counts, packed or not.
+
+    As :func:`training_flops` but only for useful work: the per-token matmuls on real tokens, attention on each
+    pair's own tokens (``squared_lengths`` = the sum of each pair's length squared), the pooler and NSP head once
+    per pair (``pairs``; 0 for MLM-only rows) and the MLM head per masked token. Padding and the attention a block
+    mask discards are not counted. For one unpadded pair of ``s`` tokens it equals ``training_flops``.
+    """
+    h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    per_token = layers * (4 * h * h + 2 * h * i)
+    return 3 * 2 * (tokens * per_token + squared_lengths * layers * 2 * h + pairs * (h * h + 2 * h) + num_masked * (h * h + h * v))
 
 
 def training_flops_per_sample(config: BertConfig, seq_length: int, masked_per_sample: float) -> float:

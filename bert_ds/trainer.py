@@ -26,13 +26,14 @@ from bert_ds.data.masking import IGNORE_INDEX
 from bert_ds.data.pretraining import eval_dataset
 from bert_ds.ds_config import build_ds_config, save_ds_config
 from bert_ds.evaluation import evaluate
-from bert_ds.model import build_model
+from bert_ds.model import build_model, freeze_nsp_head
 from bert_ds.optim import apply_optimizer_config, build_optimizer, build_scheduler, configure_lamb_for_zero
 from bert_ds.zero.construction import partitioned_construction
 
 log = logging.getLogger("bert_ds")
 # running sums kept on the device between log steps, reduced over ranks in one all-reduce
-_SUMS = ["mlm_loss_sum", "nsp_loss_sum", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count", "tokens", "positions"]
+_SUMS = ["mlm_loss_sum", "nsp_loss_sum", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count", "tokens", "positions", "pairs",
+         "rows", "squared_lengths"]
 
 
 @dataclass
@@ -96,27 +97,27 @@ def train(cfg: RunConfig) -> TrainResult:
     console_every = cfg.logging.resolve_console_interval(cfg.train.log_interval)
 
     sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=ctx.device)
-    samples_since_log, t_start, start_step = 0, time.perf_counter(), state.step
+    t_start, start_step = time.perf_counter(), state.step
     throughput.reset()
     while state.step < cfg.train.max_steps:
         batches = train_step(engine, batches, loader, cfg.train.grad_accum_steps, sums, ctx.device)
         state.step += 1
         state.consumed_samples += global_batch
         state.skipped_steps = int(getattr(engine, "skipped_steps", 0))
-        samples_since_log += global_batch
         last = state.step == cfg.train.max_steps
 
         if state.step % cfg.train.log_interval == 0 or last:
             totals = _reduce(sums)  # all ranks: one all-reduce and a device-to-host sync
             state.tokens_seen += int(totals["tokens"])
             result.train_metrics = _train_metrics(engine, totals, cfg)
-            result.train_metrics.update(throughput.measure(samples_since_log, int(totals["tokens"]), totals["mlm_count"]))
+            # samples are pairs (rows hold several when packed), tokens are the non-padding ones
+            result.train_metrics.update(throughput.measure(int(totals["pairs"]), int(totals["tokens"]), totals["mlm_count"],
+                                                           squared_lengths=totals["squared_lengths"]))
             result.train_metrics.update(memory.memory_metrics(ctx.device, theory, ctx.memory_baseline))
             sink.log(result.train_metrics, state.step)
             if state.step % console_every == 0 or last:
                 _console(state, cfg, result.train_metrics, time.perf_counter() - t_start, state.step - start_step)
             sums.zero_()
-            samples_since_log = 0
 
         with throughput.paused():  # checkpoint and evaluation time is not training throughput
             if cfg.checkpoint.interval_steps and state.step % cfg.checkpoint.interval_steps == 0 and not last:
@@ -150,7 +151,7 @@ def train_step(engine, batches, loader, grad_accum_steps: int, sums: torch.Tenso
             batches = iter(loader)
             micro_batches.append(next(batches))
     counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
-                           sum(b["next_sentence_label"].numel() for b in micro_batches)], dtype=torch.float64, device=device)  # fmt: skip
+                           sum(_nsp_pairs(b) for b in micro_batches)], dtype=torch.float64, device=device)  # fmt: skip
     world_size = 1
     if tdist.is_initialized():
         tdist.all_reduce(counts)
@@ -158,6 +159,7 @@ def train_step(engine, batches, loader, grad_accum_steps: int, sums: torch.Tenso
     mlm_count, nsp_count = counts.clamp(min=1).tolist()  # a device-to-host sync, once per step
     scale = world_size * grad_accum_steps
     for batch in micro_batches:
+        pairs, squared_lengths = _pair_stats(batch)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = engine(**batch)
         engine.backward((out.mlm_loss_sum / mlm_count + out.nsp_loss_sum / nsp_count) * scale)
@@ -170,8 +172,30 @@ def train_step(engine, batches, loader, grad_accum_steps: int, sums: torch.Tenso
                 out.mlm_loss_sum.detach().double(), out.nsp_loss_sum.detach().double(),
                 out.mlm_correct.double(), out.mlm_count.double(), out.nsp_correct.double(), out.nsp_count.double(),
                 attention.sum().double(), torch.tensor(attention.numel(), dtype=torch.float64, device=device),
+                torch.tensor(pairs, dtype=torch.float64, device=device), torch.tensor(attention.size(0), dtype=torch.float64, device=device),
+                torch.tensor(squared_lengths, dtype=torch.float64, device=device),
             ])  # fmt: skip
     return batches
+
+
+def _nsp_pairs(batch: dict[str, torch.Tensor]) -> int:
+    """Pairs with an NSP/SOP label (packed rows pad theirs with -100; MLM-only rows have none)."""
+    label = batch.get("next_sentence_label")
+    return 0 if label is None else int((label != IGNORE_INDEX).sum())
+
+
+def _pair_stats(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(pairs, sum of each pair's length squared) of a CPU batch: samples and attention FLOPs under packing.
+
+    A row of MLM-only text counts as one pair: one attention block, no NSP.
+    """
+    pair_ids = batch.get("pair_ids")
+    if pair_ids is None:
+        lengths = batch["attention_mask"].sum(dim=1)
+        return int(lengths.numel()), int((lengths * lengths).sum())
+    real = pair_ids >= 0
+    lengths = torch.zeros(pair_ids.size(0), pair_ids.size(1) + 1, dtype=torch.int64).scatter_add_(1, pair_ids.clamp(min=0), real.long())
+    return _nsp_pairs(batch), int((lengths * lengths).sum())
 
 
 # -- building --------------------------------------------------------------------------------
@@ -192,6 +216,8 @@ def build_engine(cfg: RunConfig, ctx: startup.RunContext):
         save_ds_config(ds_config, run_dir / "ds_config.json")
     with partitioned_construction(ds_config):  # ZeRO-3: no rank ever holds the whole fp32 model
         model = build_model(cfg.model, ctx.vocab.size, seed=cfg.seed)  # the same initial weights on every rank and stage
+    if cfg.data.nsp_mode == "none":
+        freeze_nsp_head(model)  # MLM only: the pooler and NSP head take no step (and are exported unchanged)
     if ctx.is_main:
         model.config.save_pretrained(run_dir)
     optimizer = build_optimizer(model, cfg.optimizer, ctx.device.type)
@@ -212,9 +238,10 @@ def build_engine(cfg: RunConfig, ctx: startup.RunContext):
 def _log_plan(cfg: RunConfig, ctx: startup.RunContext, throughput: metrics.Throughput, sink: metrics.NullSink, step: int) -> None:
     global_batch = cfg.train.global_batch(ctx.world_size)
     log.info(
-        "training %s for %d steps: global batch %d = %d micro x %d accumulation x %d ranks, %d tokens per step; "
-        "%.2f GFLOP per sample; MFU against %.2f TFLOP/s per device (%s; %s)",
-        cfg.model.init_from or cfg.model.preset, cfg.train.max_steps, global_batch, cfg.train.micro_batch_size,
+        "training %s for %d steps: global batch %d %s = %d micro x %d accumulation x %d ranks, %d positions per step; "
+        "%.2f GFLOP per full unpacked sample; MFU against %.2f TFLOP/s per device (%s; %s)",
+        cfg.model.init_from or cfg.model.preset, cfg.train.max_steps, global_batch,
+        "rows" if cfg.data.packing or cfg.data.nsp_mode == "none" else "samples", cfg.train.micro_batch_size,
         cfg.train.grad_accum_steps, ctx.world_size, global_batch * cfg.data.max_seq_length,
         throughput.flops_fn(1, cfg.data.max_predictions()) / 1e9, throughput.peak, cfg.train.precision, throughput.peak_source,
     )
@@ -258,7 +285,10 @@ def _train_metrics(engine, totals: dict[str, float], cfg: RunConfig) -> dict[str
         "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
         "train/skipped_steps": float(getattr(engine, "skipped_steps", 0)),
         "train/padding_fraction": 1.0 - totals["tokens"] / max(totals["positions"], 1),
+        "train/pairs_per_row": totals["pairs"] / max(totals["rows"], 1),
     }
+    if cfg.data.nsp_mode == "none":  # MLM only: no NSP head in the step, so no NSP numbers at all
+        del out["train/nsp_loss"], out["train/nsp_acc"]
     if cfg.train.precision == "fp16":
         out["train/loss_scale"] = float(engine.optimizer.cur_scale if hasattr(engine.optimizer, "cur_scale") else engine.optimizer.loss_scale)
     else:
@@ -268,10 +298,12 @@ def _train_metrics(engine, totals: dict[str, float], cfg: RunConfig) -> dict[str
 
 def _console(state: checkpoint.TrainState, cfg: RunConfig, m: dict[str, float], elapsed: float, steps_done: int) -> None:
     remaining = (cfg.train.max_steps - state.step) * elapsed / max(steps_done, 1)
+    nsp = f" (mlm {m['train/mlm_loss']:.4f}, nsp {m['train/nsp_loss']:.4f})" if "train/nsp_loss" in m else " (mlm only)"
+    nsp_acc = f" nsp acc {m['train/nsp_acc']:.3f}" if "train/nsp_acc" in m else ""
     log.info(
-        "step %d/%d | loss %.4f (mlm %.4f, nsp %.4f) | mlm acc %.3f nsp acc %.3f | lr %.3g | grad norm %.3f | %.1f samples/s | mfu %.1f%% | ETA %s",
-        state.step, cfg.train.max_steps, m["train/loss"], m["train/mlm_loss"], m["train/nsp_loss"], m["train/mlm_acc"],
-        m["train/nsp_acc"], m["train/lr"], m["train/grad_norm"], m["train/samples_per_sec"], 100 * m["train/mfu"],
+        "step %d/%d | loss %.4f%s | mlm acc %.3f%s | lr %.3g | grad norm %.3f | %.1f samples/s | %.0f tokens/s | padding %.1f%% | mfu %.1f%% | ETA %s",
+        state.step, cfg.train.max_steps, m["train/loss"], nsp, m["train/mlm_acc"], nsp_acc, m["train/lr"], m["train/grad_norm"],
+        m["train/samples_per_sec"], m["train/tokens_per_sec"], 100 * m["train/padding_fraction"], 100 * m["train/mfu"],
         time.strftime("%H:%M:%S", time.gmtime(remaining)),
     )
 
@@ -279,8 +311,8 @@ def _console(state: checkpoint.TrainState, cfg: RunConfig, m: dict[str, float], 
 def _evaluate_and_log(engine, eval_set, cfg: RunConfig, ctx: startup.RunContext, sink: metrics.NullSink, step: int) -> dict[str, float]:
     result = evaluate(engine, eval_set, cfg.eval.resolve_micro_batch_size(cfg.train.micro_batch_size), ctx.rank, ctx.world_size, ctx.device)
     sink.log(result, step)
-    log.info("eval at step %d: mlm loss %.4f | mlm acc %.3f | perplexity %.2f | nsp acc %.3f", step,
-             result["eval/mlm_loss"], result["eval/mlm_acc"], result["eval/perplexity"], result["eval/nsp_acc"])
+    log.info("eval at step %d: mlm loss %.4f | mlm acc %.3f | perplexity %.2f%s", step, result["eval/mlm_loss"], result["eval/mlm_acc"],
+             result["eval/perplexity"], f" | nsp acc {result['eval/nsp_acc']:.3f}" if "eval/nsp_acc" in result else "")
     return result
 
 

@@ -61,7 +61,7 @@ def run(source_path: str | Path, data: str | None = None, **flags) -> dict:
     model = load_pretraining_model(source, attn_implementation=attn, seed=cfg.seed)
     micro_batch_size = cfg.eval.resolve_micro_batch_size(cfg.train.micro_batch_size)
     result = evaluate(model, eval_dataset(cfg, vocab), micro_batch_size, 0, 1, torch.device("cpu"))
-    out = {name: result[f"eval/{name}"] for name in METRICS}
+    out = {name: result[f"eval/{name}"] for name in METRICS if f"eval/{name}" in result}  # no nsp_acc for MLM-only rows
     out.update(source=source.describe(), data=str(prefix), num_samples=cfg.eval.num_samples, seed=cfg.seed,
                mask_prob=cfg.eval.mask_prob, max_seq_length=cfg.data.max_seq_length)
     if isinstance(source, CheckpointSource):
@@ -77,7 +77,7 @@ def format_table(result: dict) -> str:
         ("mlm_loss", f"{result['mlm_loss']:.4f}"),
         ("mlm_acc", f"{result['mlm_acc']:.4f}"),
         ("perplexity", f"{result['perplexity']:.3f}"),
-        ("nsp_acc", f"{result['nsp_acc']:.4f}"),
+        *([("nsp_acc", f"{result['nsp_acc']:.4f}")] if "nsp_acc" in result else []),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
