@@ -374,8 +374,8 @@ def plan_resume(cfg: RunConfig, world_size: int, vocab_sha256: str | None) -> tu
     global_batch = cfg.train.global_batch(world_size)
     if saved_world != world_size:
         global_batch = cfg.train.global_batch_size or saved_batch or cfg.train.global_batch(saved_world)
-        why = (f"resuming {tag_dir} (saved on {saved_world} ranks) on {world_size}" +
-               ("" if cfg.train.global_batch_size else " keeps its global batch"))
+        why = f"resuming {tag_dir} (saved on {saved_world} ranks) on {world_size} ranks" + (
+            f" with train.global_batch_size={global_batch}" if cfg.train.global_batch_size else "")
         accum = cfg.train.grad_accum_for(global_batch, world_size, why)
         cfg = replace(cfg, train=replace(cfg.train, grad_accum_steps=accum))
         log.info("resuming a %d-rank ZeRO-%d checkpoint on %d rank%s: global batch %d = %d micro x %d accumulation x %d",
