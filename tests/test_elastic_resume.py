@@ -250,3 +250,24 @@ def test_the_log_says_what_the_resume_did(elastic):
     stderr = elastic["one_stderr"]
     assert "resuming a 2-rank ZeRO-2 checkpoint on 1 rank: global batch 16 = 8 micro x 2 accumulation x 1" in stderr
     assert "resuming a 2-rank ZeRO-3 checkpoint on 1 rank: universal conversion" in stderr and "cached at" in stderr
+
+
+@pytest.mark.slow
+def test_the_preflight_command_names_a_checkpoint_this_launch_cannot_resume(pretraining_shards, tmp_path):
+    """``python -m bert_ds.preflight CONFIG`` reads the checkpoint the run would resume (its marker only) and stops on
+    another vocabulary or a global batch this many ranks cannot keep, before any engine or unpickling."""
+    from tests.conftest import run_module
+
+    config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run", train={"max_steps": 4, "micro_batch_size": 8})
+    _saved(tmp_path / "run", world_size=2, zero_stage=0, global_batch=12, vocab="0" * 64)
+    proc = run_module("bert_ds.preflight", config, check=False)
+    assert proc.returncode != 0 and "preflight failed" in proc.stderr and "vocabulary" in proc.stderr, proc.stderr[-2000:]
+    from bert_ds.data.vocab import resolve_vocab
+
+    marker = tmp_path / "run" / "checkpoints" / tag_for_step(4) / COMPLETE_MARKER
+    saved = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**saved, "vocab_sha256": resolve_vocab(run_config_from_dict(
+        {"run_dir": str(tmp_path / "run"), "model": {"preset": "tiny"}, "data": {"train_prefix": str(pretraining_shards["train"])},
+         "train": {"max_steps": 4}})).sha256}))  # fmt: skip
+    proc = run_module("bert_ds.preflight", config, check=False)
+    assert proc.returncode != 0 and "the global batch 12 cannot be kept on 1 ranks" in proc.stderr, proc.stderr[-2000:]
