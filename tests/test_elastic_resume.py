@@ -137,6 +137,8 @@ NO_DROPOUT = {"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_s
 LOSS_RUNS = {"z2_lamb": (2, "lamb", 5e-3), "z3_adamw": (3, "adamw", 1e-3)}
 STATE_RUNS = {f"state_z{stage}_{name}": (stage, name) for stage in (0, 1, 2, 3) for name in ("lamb", "adamw")}
 STEPS = 6
+# resumed on 1 rank with another ZeRO stage (1 and 2 share DeepSpeed's formats): run -> the stage it resumes with
+STAGE_CHANGES = {"state_z2_lamb": 1, "state_z1_adamw": 2}
 
 
 def _loss_config(d: Path, shards: dict, name: str) -> Path:
@@ -168,13 +170,16 @@ def elastic(pretraining_shards, tmp_path_factory) -> dict:
                for name in LOSS_RUNS]  # fmt: skip
     resumes += [(d / f"{name}.yaml", f"run_dir={d / name}_1rank", f"checkpoint.resume={d / name / 'checkpoints' / step2}")
                 for name in STATE_RUNS]  # fmt: skip
+    resumes += [(d / f"{name}.yaml", f"run_dir={d / name}_as_z{stage}", f"checkpoint.resume={d / name / 'checkpoints' / step2}",
+                 f"train.zero_stage={stage}") for name, stage in STAGE_CHANGES.items()]  # fmt: skip
     one = train_runs(*resumes, num_ranks=1, record_state=d / "state1")
 
     again = [(d / f"{name}.yaml", f"run_dir={d / name}_2rank", f"checkpoint.resume={d / f'{name}_1rank' / 'checkpoints' / step4}")
              for name in LOSS_RUNS]  # fmt: skip
     two = train_runs(*again, num_ranks=2)
     names = list(LOSS_RUNS) + list(STATE_RUNS)
-    return {"dir": d, "saved": dict(zip(names, saved.results, strict=True)), "one": dict(zip(names, one.results, strict=True)),
+    resumed_names = names + [f"{name}_as_z{stage}" for name, stage in STAGE_CHANGES.items()]
+    return {"dir": d, "saved": dict(zip(names, saved.results, strict=True)), "one": dict(zip(resumed_names, one.results, strict=True)),
             "two": dict(zip(LOSS_RUNS, two.results, strict=True)), "one_stderr": one.stderr}  # fmt: skip
 
 
@@ -211,7 +216,7 @@ def test_a_one_rank_resume_of_a_two_rank_checkpoint_holds_exactly_the_saved_weig
     """fp32 weights, both moments of every parameter and the step counts, gathered whole on 2 ranks at the save and on
     1 rank after the resume (ZeRO 1-3 through the universal checkpoint, ZeRO 0 directly): bit for bit."""
     d = elastic["dir"]
-    index = list(LOSS_RUNS).__len__() + list(STATE_RUNS).index(name)
+    index = len(LOSS_RUNS) + list(STATE_RUNS).index(name)
     saved = torch.load(d / "state2" / f"run{index}.pt", weights_only=True)
     resumed = torch.load(d / "state1" / f"run{index}.pt", weights_only=True)
     assert elastic["one"][name]["state"]["step"] == 2 and elastic["one"][name]["resumed_from"]
@@ -223,6 +228,20 @@ def test_a_one_rank_resume_of_a_two_rank_checkpoint_holds_exactly_the_saved_weig
             assert torch.equal(resumed["params"][param][key], tensor), (param, key)
     stage = STATE_RUNS[name][0]
     assert (d / name / "checkpoints" / tag_for_step(2) / UNIVERSAL_DIR).is_dir() == (stage > 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STAGE_CHANGES))
+def test_a_zero_1_or_2_checkpoint_resumes_on_one_rank_with_the_other_stage_holding_the_saved_state(name, elastic):
+    d = elastic["dir"]
+    saved = torch.load(d / "state2" / f"run{len(LOSS_RUNS) + list(STATE_RUNS).index(name)}.pt", weights_only=True)
+    resumed = torch.load(d / "state1" / f"run{len(LOSS_RUNS) + len(STATE_RUNS) + list(STAGE_CHANGES).index(name)}.pt", weights_only=True)
+    stage = STAGE_CHANGES[name]
+    assert json.loads((d / f"{name}_as_z{stage}" / "ds_config.json").read_text())["zero_optimization"]["stage"] == stage
+    assert resumed["steps"] == saved["steps"] == [2.0, 2.0]
+    for param, states in saved["params"].items():
+        for key, tensor in states.items():
+            assert torch.equal(resumed["params"][param][key], tensor), (param, key)
 
 
 @pytest.mark.slow
