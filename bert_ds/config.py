@@ -490,6 +490,25 @@ class TrainConfig:
         _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
         return self.micro_batch_size * self.grad_accum_steps * world_size
 
+    def grad_accum_for(self, global_batch: int, world_size: int, why: str) -> int:
+        """Accumulation steps that keep ``global_batch`` sequences per step on ``world_size`` ranks.
+
+        ``why`` says where the global batch comes from (it opens the error). Raises :class:`ConfigError`, naming the
+        numbers and the keys that change them, when ``micro_batch_size x world_size`` does not divide it.
+        e.g. global batch 16, micro batch 8: 2 ranks -> 1, 1 rank -> 2, 4 ranks -> error (8 x 4 = 32 > 16).
+        """
+        _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
+        per_step = self.micro_batch_size * world_size
+        if global_batch % per_step == 0:
+            return global_batch // per_step
+        fix = [f"train.micro_batch_size={m}" for m in range(self.micro_batch_size - 1, 0, -1) if global_batch % (m * world_size) == 0][:1]
+        raise ConfigError(
+            f"{why}: the global batch {global_batch} cannot be kept on {world_size} ranks: it is not a multiple of "
+            f"train.micro_batch_size ({self.micro_batch_size}) x {world_size} ranks = {per_step}. "
+            + (f"Set {fix[0]} to keep it, or " if fix else "Run on a number of ranks that divides it, or ")
+            + f"set train.global_batch_size to a multiple of {per_step} to continue with another global batch"
+        )
+
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class OptimizerConfig:

@@ -150,7 +150,7 @@ def _ignored(source: str, keys: list[str], reason: str) -> None:
     warnings.warn(f"DeepSpeed preset {source}: {names} {verb} no effect: {reason}", ConfigWarning, stacklevel=3)
 
 
-def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` data-parallel ranks.
 
     Pure: reads the preset file and nothing else (no environment, no torch.distributed), so it
@@ -159,6 +159,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     Raises:
         ConfigError: the preset is missing, malformed or sets a run-config-owned key, or
             ``train.global_batch_size`` disagrees with micro x accum x world size.
+
+    ``load_universal``: the run resumes a checkpoint through DeepSpeed's universal format (another world size;
+    ``bert_ds.checkpoint``), which DeepSpeed reads only with ``checkpoint.load_universal`` in the engine config.
     """
     train = cfg.train
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -228,6 +231,8 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,  # the client LAMB is not on DeepSpeed's ZeRO allow-list
     }
     ds.update(preset)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
 
 

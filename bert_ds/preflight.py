@@ -40,14 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.config:
         p.error("give a run config (on the ranks) or --hostfile (on the launch node)")
-    from bert_ds import startup
+    from bert_ds import checkpoint, startup
     from bert_ds.cluster import dist
     from bert_ds.config import ConfigError, load_run_config, split_command_line
 
     config_path, overrides = split_command_line([args.config, *args.overrides, *extra], __doc__)  # drops the launcher's --local_rank
     try:
-        startup.start(load_run_config(config_path, overrides))
-    except (ConfigError, preflight.PreflightError, dist.DistributedSetupError) as e:
+        ctx = startup.start(load_run_config(config_path, overrides))
+        # the checkpoint the run would resume: vocabulary, ZeRO stage, and its global batch on this many ranks
+        checkpoint.plan_resume(ctx.cfg, ctx.world_size, ctx.vocab.sha256)
+    except (ConfigError, checkpoint.CheckpointError, preflight.PreflightError, dist.DistributedSetupError) as e:
         raise SystemExit(f"preflight failed: {e}") from None
     finally:
         dist.shutdown()

@@ -77,11 +77,15 @@ def undoes_deepspeed_patches(run):
 def train(cfg: RunConfig) -> TrainResult:
     ctx = startup.start(cfg)  # ranks, device, precision, vocabulary, logging: decided once, checked across ranks
     cfg = ctx.cfg  # train.precision resolved for this device
+    # the checkpoint's vocabulary and ZeRO stage checked, its global batch kept on another world size: before any engine
+    cfg, plan = checkpoint.plan_resume(cfg, ctx.world_size, ctx.vocab.sha256)
+    ctx = dataclasses.replace(ctx, cfg=cfg)
     run_dir = Path(cfg.run_dir)
-    engine = build_engine(cfg, ctx)
-    start = checkpoint.restore(engine, cfg, ctx.rank, ctx.world_size)
+    engine = build_engine(cfg, ctx, load_universal=plan is not None and plan.universal)
+    start = checkpoint.restore(engine, cfg, ctx.rank, ctx.world_size, plan)
     if start.optimizer_state_loaded:  # only moments and step counts come from a checkpoint; settings are this run's
         apply_optimizer_config(engine.basic_optimizer, cfg.optimizer, engine.lr_scheduler)
+        configure_lamb_for_zero(engine)  # LAMB's segment layout read again from the loaded partitions (a universal load refills them)
     state = start.state
     result = TrainResult(state, run_dir, start.resumed_from, start.initialised_from)
 
@@ -201,16 +205,17 @@ def _pair_stats(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 # -- building --------------------------------------------------------------------------------
 
 
-def build_engine(cfg: RunConfig, ctx: startup.RunContext):
+def build_engine(cfg: RunConfig, ctx: startup.RunContext, load_universal: bool = False):
     """The DeepSpeed engine of a run (all ranks call it): model, optimizer and schedule from ``cfg``.
 
     Rank 0 first writes the run directory's ``config.yaml``, ``ds_config.json`` and ``config.json``
-    (the model's architecture, so export never needs ``model.init_from`` again).
+    (the model's architecture, so export never needs ``model.init_from`` again). ``load_universal``: the
+    engine will load a universal checkpoint (``bert_ds.checkpoint.plan_resume``).
     """
     import deepspeed
 
     run_dir = Path(cfg.run_dir)
-    ds_config = build_ds_config(cfg, ctx.world_size)
+    ds_config = build_ds_config(cfg, ctx.world_size, load_universal=load_universal)
     if ctx.is_main:
         save_resolved(cfg, run_dir / "config.yaml")
         save_ds_config(ds_config, run_dir / "ds_config.json")
@@ -321,5 +326,7 @@ def _save(engine, cfg: RunConfig, ctx: startup.RunContext, state: checkpoint.Tra
     # tokens_seen is exact whatever checkpoint.interval_steps is; the running sums stay as they are for the next log
     saved = dataclasses.replace(state, tokens_seen=state.tokens_seen + int(_reduce(sums)["tokens"]))
     # the marker records what a reader needs without the engine: stage, precision and vocabulary
-    extra = {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "vocab_sha256": ctx.vocab.sha256, "tokenizer": ctx.vocab.path}
+    extra = {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "vocab_sha256": ctx.vocab.sha256, "tokenizer": ctx.vocab.path,
+             "global_batch_size": cfg.train.global_batch(ctx.world_size), "micro_batch_size": cfg.train.micro_batch_size,
+             "grad_accum_steps": cfg.train.grad_accum_steps}
     return checkpoint.save(engine, Path(cfg.run_dir) / "checkpoints", saved, cfg.checkpoint.keep_last, ctx.rank, ctx.world_size, extra)

@@ -95,12 +95,14 @@ class Launch:
     stderr: str
 
 
-def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900, record_rng: Path | None = None, record_optimizer: bool = False) -> Launch:
+def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900, record_rng: Path | None = None, record_optimizer: bool = False,
+               record_state: Path | None = None) -> Launch:
     """Train several runs, each ``(config, *overrides)``, one after another in one launch (tests/dist_scripts/train_runs.py).
 
     One process for ``num_ranks=1`` (``THREADS`` threads), else ``deepspeed --num_gpus N`` on 127.0.0.1.
     ``record_rng``: every rank saves its RNG states at each run's first step there (``run{i}_rank{r}.pt``).
     ``record_optimizer``: each result gets ``optimizer_steps``, the param-group settings of every optimizer step (rank 0).
+    ``record_state``: each run's final fp32 weights, optimizer moments and step counts, gathered whole, go there (``run{i}.pt``).
     """
     import tempfile
 
@@ -109,6 +111,7 @@ def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900, record_rn
         args = [a for run in runs for a in ("--run", *map(str, run))] + ["--results", str(results)]
         args += ["--record-rng", str(record_rng)] if record_rng else []
         args += ["--record-optimizer"] if record_optimizer else []
+        args += ["--record-state", str(record_state)] if record_state else []
         if num_ranks > 1:
             proc = deepspeed_launch(str(TRAIN_RUNS), *args, num_ranks=num_ranks, timeout=timeout)
         else:

@@ -379,6 +379,36 @@ def test_slurm_requeued_job_resumes_from_the_latest_checkpoint_and_reaches_the_u
     _assert_resumed_to_the_reference(run_dir, log, tag, reference)
 
 
+def test_slurm_job_on_two_nodes_resubmitted_onto_one_node_resumes_and_reaches_its_final_checkpoint(slurm, pretraining_shards, tmp_path):
+    """Issue 14: the unchanged sbatch script runs on both nodes; n2's rank dies and the job fails; the same script and
+    config submitted again on the one node left (``sbatch --nodes=1``) resumes the 2-rank ZeRO-2 checkpoint on 1 rank,
+    through its universal copy, with the same global batch, and reaches its final checkpoint. (Shrinking the failed job
+    itself and requeueing it, ``scontrol update JobId=J NumNodes=1 NumCPUs=1 NumTasks=1``, starts it on one node, but
+    its batch step still asks srun for the 2 tasks it was submitted with.)"""
+    config, run_dir = _config(tmp_path, pretraining_shards)
+    job = slurm.sbatch(REPO / "launch/slurm/train_srun.sbatch", config, cwd=tmp_path, env=_port())
+    _first_checkpoint_or_exit(run_dir, lambda: slurm.state(job) in {"PENDING", "RUNNING"})
+    kill_rank(str(config), 1)  # n2's rank dies: the job fails
+    assert slurm.wait(job, KILL_DEADLINE_S + 30) == "FAILED"
+    _assert_no_rank_left(config)
+    tag = latest_complete_tag(run_dir / "checkpoints")
+    assert tag is not None and INTERVAL <= int(tag[len("step"):]) < STEPS, tag
+    again = slurm.sbatch("--nodes=1", REPO / "launch/slurm/train_srun.sbatch", config, cwd=tmp_path, env=_port())
+    state = slurm.wait(again, LAUNCH_TIMEOUT_S)
+    log = _slurm_ranks_log(slurm, again, tmp_path)
+    assert state == "COMPLETED", log[-5000:]
+    assert f"job {again} (restart 0) on n1: 1 tasks" in log, log[-3000:]
+    assert "resuming a 2-rank ZeRO-2 checkpoint on 1 rank: global batch 16 = 8 micro x 2 accumulation x 1" in log
+    assert "universal conversion" in log
+    resumed_at = int(tag[len("step"):])
+    assert f"resumed from {run_dir / 'checkpoints'}/{tag} at step {resumed_at}" in log
+    marker = json.loads((run_dir / "checkpoints" / tag_for_step(STEPS) / COMPLETE_MARKER).read_text())
+    assert marker["world_size"] == 1 and marker["step"] == STEPS and marker["global_batch_size"] == 16, marker
+    # every step after the resume trained and logged (dropout is on here: its per-rank streams start fresh on one
+    # rank, so the losses are not compared with the reference's; tests/test_elastic_resume.py does that without dropout)
+    assert set(range(resumed_at + 1, STEPS + 1)) <= set(_losses(run_dir))
+
+
 def test_slurm_deepspeed_launcher_inside_the_allocation_kill_one_rank_fails_the_job_and_a_new_one_resumes(
     slurm, pretraining_shards, reference, tmp_path
 ):
