@@ -493,8 +493,13 @@ class PretrainingDataset(Dataset):
             word_continues[1 : 1 + len_a] = shard.words.window(a_start, len_a)
             word_continues[2 + len_a : end - 1] = shard.words.window(b_start, len_b)
         # masking the unpadded pair draws exactly what masking it padded drew (padding is never a candidate)
+        masked_ids, labels = self._mask(input_ids, word_continues, epoch, index)
+        return {"input_ids": masked_ids, "token_type_ids": token_type_ids, "labels": labels, "next_sentence_label": label}
+
+    def _mask(self, input_ids: np.ndarray, word_continues: np.ndarray | None, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dynamic masking of one sample, drawn from its own stream: a function of (seed, epoch, index) only."""
         mask_rng = np.random.default_rng([_MASK_STREAM, self.seed, epoch, index])
-        masked_ids, labels = mask_tokens(
+        return mask_tokens(
             input_ids,
             self.masking_vocab,
             mask_rng,
@@ -503,7 +508,6 @@ class PretrainingDataset(Dataset):
             whole_word=self.whole_word_mask,
             word_continues=word_continues,
         )
-        return {"input_ids": masked_ids, "token_type_ids": token_type_ids, "labels": labels, "next_sentence_label": label}
 
     def _mlm_row(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         """``nsp_mode="none"``: ``[CLS]`` + one block of the shard's token stream + ``[SEP]`` (see ``_Shard.stream_blocks``)."""
@@ -534,16 +538,7 @@ class PretrainingDataset(Dataset):
             word_continues[1] = False  # a row may start inside a word: the piece left here is a word of its own
         attention_mask = np.zeros(seq, dtype=np.int64)
         attention_mask[: position + 1] = 1
-        mask_rng = np.random.default_rng([_MASK_STREAM, self.seed, epoch, index])
-        masked_ids, labels = mask_tokens(
-            input_ids,
-            self.masking_vocab,
-            mask_rng,
-            mask_prob=self.mask_prob,
-            max_predictions=self.max_predictions_per_seq,
-            whole_word=self.whole_word_mask,
-            word_continues=word_continues,
-        )
+        masked_ids, labels = self._mask(input_ids, word_continues, epoch, index)
         return {
             "input_ids": torch.from_numpy(masked_ids),
             "token_type_ids": torch.zeros(seq, dtype=torch.int64),
