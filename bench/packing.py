@@ -163,8 +163,6 @@ def model_only(py: str, tmp: Path, args) -> list[dict]:
     shared machine's load falls on both alike: non-padding tokens per second of model time."""
     import time
 
-    import torch
-
     from bert_ds.config import load_run_config
     from bert_ds.data.loader import collate
     from bert_ds.data.pretraining import train_dataset
