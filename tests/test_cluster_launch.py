@@ -5,8 +5,8 @@
   a private sshd on 127.0.0.1) with a two-host hostfile;
 * ``launch/mpirun.sh`` (Open MPI from Debian, mpirun -np 2) and ``launch/deepspeed_openmpi.sh``;
 * a private SLURM cluster (munged + slurmctld + two slurmd "nodes" n1, n2) running ``launch/slurm/*.sbatch``:
-  srun across both nodes, a requeued job, DeepSpeed's launcher inside an allocation, and a preprocessing job
-  array with a dependent merge.
+  srun across both nodes, a requeued job (also one requeued onto one node after a node failure), DeepSpeed's
+  launcher inside an allocation, and a preprocessing job array with a dependent merge.
 
 For every launcher, SIGKILL of one rank after the first checkpoint ends the whole job with a non-zero status
 within 60 s, and the next launch (``checkpoint.resume: auto``) continues from the newest complete checkpoint
@@ -382,9 +382,8 @@ def test_slurm_requeued_job_resumes_from_the_latest_checkpoint_and_reaches_the_u
 def test_slurm_job_on_two_nodes_resubmitted_onto_one_node_resumes_and_reaches_its_final_checkpoint(slurm, pretraining_shards, tmp_path):
     """Issue 14: the unchanged sbatch script runs on both nodes; n2's rank dies and the job fails; the same script and
     config submitted again on the one node left (``sbatch --nodes=1``) resumes the 2-rank ZeRO-2 checkpoint on 1 rank,
-    through its universal copy, with the same global batch, and reaches its final checkpoint. (Shrinking the failed job
-    itself and requeueing it, ``scontrol update JobId=J NumNodes=1 NumCPUs=1 NumTasks=1``, starts it on one node, but
-    its batch step still asks srun for the 2 tasks it was submitted with.)"""
+    through its universal copy, with the same global batch, and reaches its final checkpoint. (The same job requeued
+    onto one node: the next test.)"""
     config, run_dir = _config(tmp_path, pretraining_shards)
     job = slurm.sbatch(REPO / "launch/slurm/train_srun.sbatch", config, cwd=tmp_path, env=_port())
     _first_checkpoint_or_exit(run_dir, lambda: slurm.state(job) in {"PENDING", "RUNNING"})
@@ -407,6 +406,54 @@ def test_slurm_job_on_two_nodes_resubmitted_onto_one_node_resumes_and_reaches_it
     # every step after the resume trained and logged (dropout is on here: its per-rank streams start fresh on one
     # rank, so the losses are not compared with the reference's; tests/test_elastic_resume.py does that without dropout)
     assert set(range(resumed_at + 1, STEPS + 1)) <= set(_losses(run_dir))
+
+
+def test_slurm_job_on_two_nodes_requeued_onto_one_node_after_a_node_failure_resumes_and_reaches_its_final_checkpoint(
+    slurm, pretraining_shards, tmp_path
+):
+    """Issue 14: the same job, not a new one. The unchanged sbatch script runs on n1+n2; n2 goes DOWN (the node
+    failure as Slurm sees it), so Slurm requeues the job (#SBATCH --requeue); shrunk while pending
+    (``scontrol update JobId=J NumNodes=1 NumCPUs=1 NumTasks=1``) it restarts on n1 alone with the same id,
+    SLURM_RESTART_COUNT=1 and the SLURM_NTASKS=2 it was submitted with; the script's srun takes its task count from
+    the allocation (1 node x 1 task), resumes the 2-rank ZeRO-2 checkpoint on 1 rank and reaches the final one."""
+    config, run_dir = _config(tmp_path, pretraining_shards)
+    job = slurm.sbatch(REPO / "launch/slurm/train_srun.sbatch", config, cwd=tmp_path, env=_port())
+    _first_checkpoint_or_exit(run_dir, lambda: slurm.state(job) in {"PENDING", "RUNNING"})
+
+    def requeued() -> bool:
+        info = slurm.jobs(job)
+        return bool(info) and info[0].get("JobState") == "PENDING" and int(info[0].get("Restarts", 0)) >= 1
+
+    def first_ranks_gone() -> bool:
+        return not set(first_ranks.values()) & set(rank_processes(str(config)).values())
+
+    first_ranks = rank_processes(str(config))
+    assert sorted(first_ranks) == [0, 1], (first_ranks, _slurm_ranks_log(slurm, job, tmp_path)[-3000:])
+    try:
+        slurm.run("scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=bert-ds-test-node-failure")
+        # requeued by Slurm itself: pending again, with a restart counted (and held for cred_expire, 10 s here)
+        wait_for(requeued, 60, interval=0.25, what=f"job {job} requeued after n2 went down")
+        slurm.run("scontrol", "update", f"JobId={job}", "NumNodes=1", "NumCPUs=1", "NumTasks=1")
+        wait_for(first_ranks_gone, 15, interval=0.5, what=f"the end of the first run's ranks {first_ranks}")  # on n1 and n2
+        state = slurm.wait(job, LAUNCH_TIMEOUT_S, states={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    finally:
+        slurm.run("scontrol", "update", "NodeName=n2", "State=RESUME", check=False)
+        wait_for(lambda: "idle" in slurm.run("sinfo", "-h", "-N", "-n", "n2", "-o", "%T", check=False), 60, interval=0.5, what="n2 idle again")
+    log = _slurm_ranks_log(slurm, job, tmp_path)  # --open-mode=append: both runs in one file
+    assert state == "COMPLETED", log[-5000:]
+    info = slurm.jobs(job)[0]
+    assert int(info["Restarts"]) == 1 and info["NodeList"] == "n1", info
+    assert f"job {job} (restart 0) on n[1-2]: 2 tasks" in log and f"job {job} (restart 1) on n1: 1 tasks" in log, log[-3000:]
+    _assert_no_rank_left(config)
+    assert "resuming a 2-rank ZeRO-2 checkpoint on 1 rank: global batch 16 = 8 micro x 2 accumulation x 1" in log
+    resumed = log[log.index("resumed from "):].split("\n", 1)[0]  # resumed from DIR/TAG at step N (...)
+    tag = resumed.split(" at step ")[0].rsplit("/", 1)[1]
+    resumed_at = int(tag[len("step"):])
+    assert resumed.startswith(f"resumed from {run_dir / 'checkpoints'}/{tag} at step {resumed_at}") and INTERVAL <= resumed_at < STEPS, resumed
+    marker = json.loads((run_dir / "checkpoints" / tag_for_step(STEPS) / COMPLETE_MARKER).read_text())
+    assert marker["world_size"] == 1 and marker["step"] == STEPS and marker["global_batch_size"] == 16, marker
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag_for_step(STEPS)
+    assert set(range(resumed_at + 1, STEPS + 1)) <= set(_losses(run_dir))  # every step after the resume trained
 
 
 def test_slurm_deepspeed_launcher_inside_the_allocation_kill_one_rank_fails_the_job_and_a_new_one_resumes(
