@@ -196,10 +196,8 @@ def training_flops(config: BertConfig, seq_length: int, num_samples: float, num_
     projections (4 h^2), the MLP (2 h i) and attention scores and values (2 s h); the pooler
     and NSP head per sample; the MLM head's transform (h^2) and decoder (h v) per masked token.
     """
-    h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    per_sample = layers * (4 * h * h + 2 * h * i + 2 * seq_length * h) * seq_length + (h * h + 2 * h)
-    per_masked = h * h + h * v
-    return 3 * 2 * (num_samples * per_sample + num_masked * per_masked)
+    # every sample one pair of seq_length tokens: the useful-work count with nothing left out
+    return useful_training_flops(config, num_samples * seq_length, num_samples * seq_length**2, num_samples, num_masked)
 
 
 def useful_training_flops(config: BertConfig, tokens: float, squared_lengths: float, pairs: float, num_masked: float) -> float:
