@@ -510,7 +510,7 @@ class PretrainingDataset(Dataset):
         )
 
     def _mlm_row(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        """``nsp_mode="none"``: ``[CLS]`` + one block of the shard's token stream + ``[SEP]`` (see ``_Shard.stream_blocks``)."""
+        """``nsp_mode="none"``: ``[CLS]`` + one block of the shard's token stream + ``[SEP]`` (see ``_Shard.block_pieces``)."""
         if not 0 <= index < self.num_samples or epoch < 0:
             raise IndexError(f"sample {index} of epoch {epoch}: the epoch has {self.num_samples} samples")
         k, j = self.shard_of(index)
