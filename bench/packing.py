@@ -1,6 +1,6 @@
 """Packed pretraining rows (``data.packing``) against unpacked pairs: speed, and learning per token.
 
-    python bench/packing.py [--part speed|learning|all] [--steps 25] [--seeds 3] [--learning-steps 150]
+    python bench/packing.py [--part speed|learning|all] [--steps 25] [--seeds 3] [--learning-steps 600]
 
 Needs ../shared/corpora/zh-fortunes.txt (5,263 short documents) and python-docs.txt (524 long ones), or
 ``--zh`` / ``--en`` files. Each corpus gets its own WordPiece vocabulary (8,000 tokens) and shards.
@@ -13,12 +13,16 @@ Needs ../shared/corpora/zh-fortunes.txt (5,263 short documents) and python-docs.
    padding fraction and pairs per row, and the packed/unpacked tokens/s ratio.
    ``--part model``: the same comparison for the model's forward and backward alone, in one process (1 thread),
    packed and unpacked batches alternating so the load of a shared machine falls on both alike.
-2. **Learning per token**: zh-fortunes at 128, the ``tiny`` preset, ``--seeds`` seeds per arm on 2 ranks.
-   Unpacked rows carry ~1.9x fewer tokens than packed ones (48% padding), so the unpacked arm uses micro batch
-   ``2 * --learning-micro-batch`` and the packed arm ``--learning-micro-batch``: the same steps, learning rate and
-   schedule see about the same non-padding tokens (both are reported, from the checkpoints' ``tokens_seen``).
-   Each final checkpoint is scored with ``bert_ds.evaluate`` on one fixed evaluation set (seed 0, 512 unpacked
-   pairs of the held-out shard, 15% masked) for every run. Reported: mean and spread of the eval MLM loss per arm.
+2. **Learning per token**: zh-fortunes at 128, the ``tiny`` preset, ``--seeds`` seeds per arm on 2 ranks, AdamW,
+   linear schedule. A packed row holds ~1.9 pairs here, so the packed arm takes ``--learning-micro-batch`` rows (8)
+   and the unpacked arm ``--learning-unpacked-micro-batch`` pairs (15): the same steps and schedule see about the same
+   non-padding tokens. Every run keeps a checkpoint each ``--learning-checkpoint-every`` steps; each is scored with
+   ``bert_ds.evaluate`` on one fixed evaluation set (seed 0, ``--eval-samples`` unpacked pairs of the held-out shard,
+   15% masked), and each run's eval loss is read at the same token budget (interpolated over ``tokens_seen``: the
+   smallest final count of all runs). Reported: per-arm mean, range and stdev of that loss, and whether the packed
+   mean lies within the unpacked runs' range. In the same launch, an MLM-only run (``data.nsp_mode: none``, packed
+   rows' micro batch and steps) is scored on MLM-only rows of the held-out shard against the unigram guess (always
+   the commonest token), with its largest logged padding fraction and any NSP tag it logged (there must be none).
 
 The last stdout line is a JSON object with every number.
 """
@@ -32,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -124,36 +130,72 @@ def speed(py: str, tmp: Path, args) -> list[dict]:
 
 
 def learning(py: str, tmp: Path, args) -> dict:
+    """Eval MLM loss of packed and unpacked runs after the same number of non-padding training tokens.
+
+    Every run keeps a checkpoint each ``--learning-checkpoint-every`` steps; each is scored on the fixed evaluation
+    set, and each run's curve of eval loss over ``tokens_seen`` is interpolated linearly at the budget every run
+    reached (the smallest final ``tokens_seen``), so an arm that saw a few percent more tokens gains nothing from it.
+    """
     from bert_ds.hf import evaluate
 
     data = shards(py, args.zh, tmp / "zh-fortunes")
+    every = args.learning_checkpoint_every
     configs = []
     for seed in range(1, args.seeds + 1):
         for packing in (False, True):
             label = f"learn_{'packed' if packing else 'unpacked'}_seed{seed}"
-            micro = args.learning_micro_batch * (1 if packing else 2)
+            micro = args.learning_micro_batch if packing else args.learning_unpacked_micro_batch
             configs.append(run_config(
                 tmp / f"{label}.yaml", data, tmp / label, seed=seed, model={"preset": "tiny"},
                 data={"max_seq_length": 128, "packing": packing},
                 train={"max_steps": args.learning_steps, "micro_batch_size": micro, "log_interval": 10},
                 optimizer={"name": "adamw", "lr": 2e-3}, scheduler={"name": "linear", "warmup_steps": args.learning_steps // 10},
-                checkpoint={"save_final": True},
+                checkpoint={"interval_steps": every, "keep_last": 0, "save_final": True},
             ))  # fmt: skip
-    launch(configs)
-    arms: dict[str, list[dict]] = {"unpacked": [], "packed": []}
+    # MLM-only rows (data.nsp_mode: none) on the same corpus, steps and rows per step as the packed arm
+    mlm_only = run_config(tmp / "learn_mlm_only.yaml", data, tmp / "learn_mlm_only", seed=1, model={"preset": "tiny"},
+                          data={"max_seq_length": 128, "nsp_mode": "none"},
+                          train={"max_steps": args.learning_steps, "micro_batch_size": args.learning_micro_batch, "log_interval": 10},
+                          optimizer={"name": "adamw", "lr": 2e-3}, scheduler={"name": "linear", "warmup_steps": args.learning_steps // 10},
+                          checkpoint={"save_final": True}, eval={"interval_steps": 0, "num_samples": args.eval_samples})  # fmt: skip
+    launch([*configs, mlm_only])
+    curves: dict[str, list[tuple[int, list[tuple[int, float, float]]]]] = {"unpacked": [], "packed": []}
     for config in configs:
         run_dir = tmp / config.stem
-        marker = json.loads(next((run_dir / "checkpoints").glob("step*/bert_ds_complete.json")).read_text())
-        result = evaluate.run(run_dir, str(data["valid"]), seed=0, num_samples=512)
+        points = []
+        for tag in sorted((run_dir / "checkpoints").glob("step*")):
+            marker = json.loads((tag / "bert_ds_complete.json").read_text())
+            result = evaluate.run(tag, str(data["valid"]), seed=0, num_samples=args.eval_samples)
+            points.append((marker["state"]["tokens_seen"], result["mlm_loss"], result["mlm_acc"]))
         arm = "packed" if "_packed_" in config.stem else "unpacked"
-        arms[arm].append({"seed": int(config.stem.rsplit("seed", 1)[1]), "tokens_seen": marker["state"]["tokens_seen"],
-                          "eval_mlm_loss": round(result["mlm_loss"], 4), "eval_mlm_acc": round(result["mlm_acc"], 4)})
-    summary = {"steps": args.learning_steps, "runs": arms}
-    for arm, runs in arms.items():
-        losses = [r["eval_mlm_loss"] for r in runs]
-        summary[arm] = {"mean_eval_mlm_loss": round(statistics.mean(losses), 4), "spread": round(max(losses) - min(losses), 4),
-                        "stdev": round(statistics.stdev(losses), 4) if len(losses) > 1 else 0.0,
-                        "mean_tokens_seen": round(statistics.mean(r["tokens_seen"] for r in runs))}
+        curves[arm].append((int(config.stem.rsplit("seed", 1)[1]), points))
+    budget = min(points[-1][0] for runs in curves.values() for _, points in runs)
+
+    def at_budget(points: list[tuple[int, float, float]], column: int) -> float:
+        tokens = [p[0] for p in points]
+        return float(np.interp(budget, tokens, [p[column] for p in points]))
+
+    summary: dict = {"steps": args.learning_steps, "token_budget": budget, "runs": {}}
+    for arm, runs in curves.items():
+        summary["runs"][arm] = [{"seed": seed, "final_tokens_seen": points[-1][0], "eval_mlm_loss": round(at_budget(points, 1), 4),
+                                 "eval_mlm_acc": round(at_budget(points, 2), 4),
+                                 "curve": [(t, round(loss, 4)) for t, loss, _ in points]} for seed, points in runs]
+        losses = [r["eval_mlm_loss"] for r in summary["runs"][arm]]
+        summary[arm] = {"mean_eval_mlm_loss": round(statistics.mean(losses), 4), "min": min(losses), "max": max(losses),
+                        "stdev": round(statistics.stdev(losses), 4) if len(losses) > 1 else 0.0}
+    unpacked = [r["eval_mlm_loss"] for r in summary["runs"]["unpacked"]]
+    # the must-show: the packed mean lies within the unpacked runs' seed-to-seed range
+    summary["packed_within_unpacked_spread"] = min(unpacked) <= summary["packed"]["mean_eval_mlm_loss"] <= max(unpacked)
+    summary["packed_not_worse"] = summary["packed"]["mean_eval_mlm_loss"] <= max(unpacked)
+    # evaluated on MLM-only rows of the held-out shard (its own run config), against always guessing the commonest token
+    from tests.conftest import best_unigram_accuracy, tensorboard_scalars
+
+    result = evaluate.run(tmp / "learn_mlm_only", str(data["valid"]), seed=0, num_samples=args.eval_samples)
+    tags = tensorboard_scalars(tmp / "learn_mlm_only" / "tensorboard")
+    summary["mlm_only"] = {"eval_mlm_acc": round(result["mlm_acc"], 4), "eval_mlm_loss": round(result["mlm_loss"], 4),
+                           "unigram_acc": round(best_unigram_accuracy(data["valid"]), 4),
+                           "padding_fraction_max": round(max(v for _, v in tags["train/padding_fraction"]), 4),
+                           "nsp_tags": sorted(tag for tag in tags if "nsp" in tag)}
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -210,8 +252,12 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="speed: rows per rank per step, both arms")
     p.add_argument("--model-batches", type=int, default=6, help="model: batches of each kind (the first warms up)")
     p.add_argument("--seeds", type=int, default=3, help="learning: seeds per arm")
-    p.add_argument("--learning-steps", type=int, default=150)
-    p.add_argument("--learning-micro-batch", type=int, default=8, help="learning: packed rows per rank (unpacked: twice as many)")
+    p.add_argument("--learning-steps", type=int, default=600)
+    p.add_argument("--learning-checkpoint-every", type=int, default=100, help="learning: steps between scored checkpoints")
+    p.add_argument("--learning-micro-batch", type=int, default=8, help="learning: packed rows per rank")
+    p.add_argument("--learning-unpacked-micro-batch", type=int, default=15,
+                   help="learning: unpacked pairs per rank (zh-fortunes packs ~1.9 pairs per row at 128: 8 rows ~ 15 pairs)")
+    p.add_argument("--eval-samples", type=int, default=512, help="learning: pairs in the fixed evaluation set")
     p.add_argument("--work-dir", type=Path, help="keep shards and runs here (default: a temporary directory)")
     args = p.parse_args()
     py = sys.executable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -117,6 +118,17 @@ def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900, record_rn
         else:
             proc = run_module(str(TRAIN_RUNS), *args, timeout=timeout)
         return Launch(json.loads(results.read_text()), proc.stderr)
+
+
+def best_unigram_accuracy(prefix: Path, num_special: int = 5) -> float:
+    """Accuracy of always predicting the most frequent token: the bar a model must clear."""
+    import numpy as np
+
+    from bert_ds.data.indexed_dataset import IndexedDataset
+
+    tokens = np.asarray(IndexedDataset(prefix).tokens)
+    counts = collections.Counter(tokens[tokens >= num_special].tolist())
+    return max(counts.values()) / sum(counts.values())
 
 
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -354,7 +354,7 @@ def test_mlm_only_rows_log_no_nsp_and_hold_almost_no_padding(packed_runs):
 
 @pytest.mark.slow
 def test_mlm_only_rows_learn(packed_runs, pretraining_shards):
-    from tests.test_train import best_unigram_accuracy
+    from tests.conftest import best_unigram_accuracy
 
     _, results = packed_runs
     unigram = best_unigram_accuracy(pretraining_shards["train"])

@@ -4,14 +4,12 @@ exact resume, gradient accumulation, TensorBoard scalars, and config errors that
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bert_ds.data.indexed_dataset import IndexedDataset
-from tests.conftest import REPO, deepspeed_launch, run_module, tensorboard_scalars, train_runs, write_run_config
+from tests.conftest import REPO, best_unigram_accuracy, deepspeed_launch, run_module, tensorboard_scalars, train_runs, write_run_config
 
 LISTED_TAGS = [
     "train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc", "train/nsp_acc", "train/lr", "train/grad_norm",
@@ -29,13 +27,6 @@ def train(config: Path, *overrides: str, ranks: int = 1, check: bool = True):
 
 def losses(run_dir: Path) -> dict[int, float]:
     return dict(tensorboard_scalars(run_dir / "tensorboard")["train/loss"])
-
-
-def best_unigram_accuracy(prefix: Path, num_special: int = 5) -> float:
-    """Accuracy of always predicting the most frequent token: the bar a model must clear."""
-    tokens = np.asarray(IndexedDataset(prefix).tokens)
-    counts = Counter(tokens[tokens >= num_special].tolist())
-    return max(counts.values()) / sum(counts.values())
 
 
 @pytest.fixture(scope="module")
