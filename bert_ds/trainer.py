@@ -23,7 +23,7 @@ from bert_ds import checkpoint, memory, metrics, startup
 from bert_ds.config import RunConfig, save_resolved
 from bert_ds.data.loader import train_loader
 from bert_ds.data.masking import IGNORE_INDEX
-from bert_ds.data.pretraining import eval_dataset
+from bert_ds.data.run_datasets import eval_dataset
 from bert_ds.ds_config import build_ds_config, save_ds_config
 from bert_ds.evaluation import evaluate
 from bert_ds.model import build_model, freeze_nsp_head

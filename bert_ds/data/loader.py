@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bert_ds.config import RunConfig
-from bert_ds.data.pretraining import train_dataset
+from bert_ds.data.run_datasets import train_dataset
 from bert_ds.data.vocab import Vocab
 
 

@@ -26,7 +26,7 @@ from bert_ds import checkpoint, startup, trainer
 from bert_ds.cluster import dist
 from bert_ds.config import load_run_config
 from bert_ds.data.loader import collate
-from bert_ds.data.pretraining import eval_dataset
+from bert_ds.data.run_datasets import eval_dataset
 
 
 @trainer.undoes_deepspeed_patches
