@@ -253,20 +253,21 @@ def load(engine, checkpoint_dir: Path, tag: str, rank: int, world_size: int, uni
     ``universal``: through the tag's universal checkpoint (:func:`ensure_universal`); the engine must have been
     built with ``checkpoint.load_universal`` (``bert_ds.ds_config.build_ds_config(load_universal=True)``).
     """
-    marker = json.loads((checkpoint_dir / tag / COMPLETE_MARKER).read_text())
+    tag_dir = checkpoint_dir / tag
+    marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    load_dir, load_tag = checkpoint_dir, tag
     if universal:
-        seconds, tag_dir = ensure_universal(checkpoint_dir / tag, rank), checkpoint_dir / tag
-        check_files(tag_dir)  # the universal files too (rglob): DeepSpeed's universal loader unpickles them unchecked
+        seconds = ensure_universal(tag_dir, rank)
         log.info("resuming a %s-rank ZeRO-%s checkpoint on %d rank%s: universal conversion %s, cached at %s",
                  marker.get("world_size"), marker.get("zero_stage"), world_size, "" if world_size == 1 else "s",
                  "done earlier" if seconds is None else f"{seconds:.1f} s", tag_dir / UNIVERSAL_DIR)
-        _, client_state = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL_DIR, load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_dir, load_tag = tag_dir, UNIVERSAL_DIR
+    check_files(tag_dir)  # DeepSpeed unpickles with weights_only=False; rglob: the universal copy's files too
+    _, client_state = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if universal:
         _unshare_step_counts(engine.basic_optimizer)
-    else:
-        check_files(checkpoint_dir / tag)  # DeepSpeed unpickles with weights_only=False
-        _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     state = TrainState(**client_state["bert_ds"])
-    rng_file = checkpoint_dir / tag / f"rng_rank{rank}.pt"
+    rng_file = tag_dir / f"rng_rank{rank}.pt"
     if marker.get("world_size") == world_size and rng_file.exists():
         _set_rng_state(read_rng_state(rng_file))
     else:
