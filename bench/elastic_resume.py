@@ -7,7 +7,7 @@ Per ZeRO stage, as a user runs them:
 
 1. ``deepspeed --num_gpus 2 --module bert_ds.train`` for ``--steps`` steps (fp32, LAMB, vocabulary of 30,522) and its
    final checkpoint;
-2. the conversion alone, ``bert_ds.checkpoint.convert_to_universal`` in a fresh process (what rank 0 does when a run
+2. the conversion alone, ``bert_ds.zero.universal.convert_to_universal`` in a fresh process (what rank 0 does when a run
    resumes on another world size): wall time and peak RSS, the RSS above the process's own after its imports;
 3. ``python -m bert_ds.train`` on one process with one more step: it finds the cached universal copy and resumes.
 
@@ -38,11 +38,11 @@ CONVERT = """
 import json, resource, sys, time
 from pathlib import Path
 import psutil
-from bert_ds import checkpoint
+from bert_ds.zero import universal
 import deepspeed.checkpoint.ds_to_universal  # imported before the baseline: its imports are not the conversion's
 base = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
-checkpoint.convert_to_universal(Path(sys.argv[1]))
+universal.convert_to_universal(Path(sys.argv[1]))
 seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"seconds": seconds, "peak_rss": peak, "base_rss": base}))

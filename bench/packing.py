@@ -207,7 +207,7 @@ def model_only(py: str, tmp: Path, args) -> list[dict]:
 
     from bert_ds.config import load_run_config
     from bert_ds.data.loader import collate
-    from bert_ds.data.pretraining import train_dataset
+    from bert_ds.data.run_datasets import train_dataset
     from bert_ds.data.vocab import resolve_vocab
     from bert_ds.model import build_model
 

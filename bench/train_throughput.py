@@ -286,7 +286,7 @@ def run_config(args, work: Path, prefix: Path, vocab: Path, peak: float, log_int
 def build_dataset(cfg_dict: dict):
     """bert-ds's training dataset, built by the trainer's own code from the same run config."""
     from bert_ds.config import run_config_from_dict
-    from bert_ds.data.pretraining import train_dataset
+    from bert_ds.data.run_datasets import train_dataset
     from bert_ds.data.vocab import resolve_vocab
 
     cfg = run_config_from_dict(cfg_dict)

@@ -21,7 +21,7 @@ The directory's rules:
 * no file is unpickled before it is checked (:func:`check_files`): beyond tensors and plain containers, a
   checkpoint may pickle only what bert-ds and DeepSpeed write (``ALLOWED_GLOBALS``); bert-ds reads its own
   files with ``weights_only=True``.
-* resuming on another world size (:func:`plan_resume`, before the engine is built): the checkpoint's global batch
+* resuming on another world size (``bert_ds.resume.plan_resume``, before the engine is built): the checkpoint's global batch
   is kept (accumulation is derived for the new world size), its vocabulary must be the run's, and ZeRO 1-3 state is
   loaded through DeepSpeed's universal checkpoint, converted once by rank 0 and cached in the tag (so retention
   removes it with its tag); ZeRO 0 state is whole on every rank and loads directly.
@@ -31,30 +31,25 @@ The directory's rules:
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import logging
 import math
 import random
 import re
 import shutil
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
-from bert_ds.config import RunConfig
 from bert_ds.files import atomic_write
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "bert_ds_complete.json"
 UNIVERSAL_DIR = "universal"
-"""The tag's DeepSpeed universal checkpoint (``stepNNNNNNNN/universal/``), made by :func:`ensure_universal`."""
+"""The tag's DeepSpeed universal checkpoint (``stepNNNNNNNN/universal/``), made by ``bert_ds.zero.universal.ensure_universal``."""
 UNIVERSAL_MARKER = "bert_ds_universal.json"
 TAG_PREFIX = "step"
 TAG = re.compile(r"step(\d{8,})")
@@ -117,7 +112,7 @@ def tag_for_step(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
 
@@ -159,7 +154,7 @@ def read_rng_state(path: Path) -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -172,17 +167,17 @@ def save(engine, checkpoint_dir: Path, state: TrainState, keep_last: int, rank: 
     tag = tag_for_step(state.step)
     if rank == 0:  # re-saving a tag: it stops claiming to be complete before any rank overwrites a file in it
         (checkpoint_dir / tag / COMPLETE_MARKER).unlink(missing_ok=True)
-        _remove_universal(checkpoint_dir / tag)  # a universal copy of the old files would be stale
-    _barrier()
+        remove_universal(checkpoint_dir / tag)  # a universal copy of the old files would be stale
+    barrier()
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"bert_ds": state.to_dict()}, save_latest=False)
     torch.save(_rng_state(), checkpoint_dir / tag / f"rng_rank{rank}.pt")
-    _barrier()  # every rank's files are on disk before the marker says so
+    barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         marker = {"step": state.step, "world_size": world_size, "state": state.to_dict(), **(extra or {})}
         atomic_write(checkpoint_dir / tag / COMPLETE_MARKER, json.dumps(marker, indent=2))
         atomic_write(checkpoint_dir / "latest", tag)
         _prune(checkpoint_dir, keep_last, written=tag)
-    _barrier()
+    barrier()
     return checkpoint_dir / tag
 
 
@@ -247,238 +242,7 @@ def resolve(path: str | Path) -> tuple[Path, str]:
     raise CheckpointError(f"{p}: no complete bert-ds checkpoint found (expected {TAG_PREFIX}NNNNNNNN/{COMPLETE_MARKER} under it or under {p}/checkpoints)")
 
 
-def load(engine, checkpoint_dir: Path, tag: str, rank: int, world_size: int, universal: bool = False) -> TrainState:
-    """Resume everything: weights, optimizer, scheduler, trainer state, RNG (all ranks call).
-
-    ``universal``: through the tag's universal checkpoint (:func:`ensure_universal`); the engine must have been
-    built with ``checkpoint.load_universal`` (``bert_ds.ds_config.build_ds_config(load_universal=True)``).
-    """
-    marker = json.loads((checkpoint_dir / tag / COMPLETE_MARKER).read_text())
-    if universal:
-        seconds, tag_dir = ensure_universal(checkpoint_dir / tag, rank), checkpoint_dir / tag
-        check_files(tag_dir)  # the universal files too (rglob): DeepSpeed's universal loader unpickles them unchecked
-        log.info("resuming a %s-rank ZeRO-%s checkpoint on %d rank%s: universal conversion %s, cached at %s",
-                 marker.get("world_size"), marker.get("zero_stage"), world_size, "" if world_size == 1 else "s",
-                 "done earlier" if seconds is None else f"{seconds:.1f} s", tag_dir / UNIVERSAL_DIR)
-        _, client_state = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL_DIR, load_optimizer_states=True, load_lr_scheduler_states=True)
-        _unshare_step_counts(engine.basic_optimizer)
-    else:
-        check_files(checkpoint_dir / tag)  # DeepSpeed unpickles with weights_only=False
-        _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    state = TrainState(**client_state["bert_ds"])
-    rng_file = checkpoint_dir / tag / f"rng_rank{rank}.pt"
-    if marker.get("world_size") == world_size and rng_file.exists():
-        _set_rng_state(read_rng_state(rng_file))
-    else:
-        log.warning("resuming on %d ranks from a %s-rank checkpoint: dropout RNG starts fresh (results will not be bit-identical)",
-                    world_size, marker.get("world_size"))
-    return state
-
-
-def _unshare_step_counts(optimizer) -> None:
-    """Give every optimizer state its own step tensor after a universal load.
-
-    DeepSpeed 0.19's ZeRO-3 universal loader assigns one ``step`` object to every sub-group's state. AdamW keeps
-    its step as a tensor and increments it in place, so each sub-group's step would advance it once more: the
-    second sub-group's first step after resume ran with step 4 instead of 3 (its bias correction off, the loss
-    6e-5 relative off the uninterrupted run's). LAMB's int step is unaffected; copying is harmless either way.
-    """
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-
-
-def load_weights(engine, checkpoint_dir: Path, tag: str, load_optimizer_state: bool) -> None:
-    """Phase-2 start: weights (and optionally optimizer state) of a phase-1 checkpoint; a fresh schedule and data."""
-    check_files(checkpoint_dir / tag)  # DeepSpeed unpickles with weights_only=False
-    engine.load_checkpoint(
-        str(checkpoint_dir), tag=tag,
-        load_optimizer_states=load_optimizer_state, load_lr_scheduler_states=False, load_module_only=not load_optimizer_state,
-    )
-
-
-@dataclass(frozen=True)
-class Restored:
-    """Where a run starts: its trainer state, and the checkpoint it resumed from or took its weights from."""
-
-    state: TrainState
-    resumed_from: str | None = None
-    """The tag directory a resumed run continues (``checkpoint.resume``), else None."""
-    initialised_from: str | None = None
-    """The tag directory whose weights a new run starts from (``checkpoint.init_from``), else None."""
-    optimizer_state_loaded: bool = False
-    """The optimizer's state was loaded, and with it the saved parameter groups' settings: the caller re-applies
-    its own (``bert_ds.optim.apply_optimizer_config``)."""
-
-
-def _resume_location(cfg: RunConfig) -> tuple[Path, str] | None:
-    """(checkpoint dir, tag) that ``checkpoint.resume`` names, or None when the run starts fresh."""
-    ckpt, checkpoint_dir = cfg.checkpoint, Path(cfg.run_dir) / "checkpoints"
-    if ckpt.resume == "auto":
-        tag = latest_complete_tag(checkpoint_dir)
-        return (checkpoint_dir, tag) if tag else None
-    if ckpt.resume != "none":
-        return resolve(ckpt.resume)
-    return None
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """How a run resumes its checkpoint, decided from the tag's marker before the engine is built."""
-
-    checkpoint_dir: Path
-    tag: str
-    saved_world_size: int
-    saved_zero_stage: int
-    global_batch: int
-    """Sequences per step, kept from the checkpoint (or set by ``train.global_batch_size``)."""
-    universal: bool
-    """Load through DeepSpeed's universal checkpoint: ZeRO 1-3 saved on another world size (or ZeRO 1 <-> 2)."""
-
-
-# ZeRO stages whose saved state DeepSpeed 0.19's loaders take into an engine of another stage: 1 and 2 share a
-# checkpoint format (and the universal loader); ZeRO 0 keeps the client optimizer's own state_dict, ZeRO 3 its own
-# partitioned format, which the other stages' loaders do not read.
-_STAGE_CHANGES = {(1, 2), (2, 1)}
-
-
-def plan_resume(cfg: RunConfig, world_size: int, vocab_sha256: str | None) -> tuple[RunConfig, ResumePlan | None]:
-    """Check the checkpoint a run resumes against this launch and keep its global batch (all ranks call; no collective).
-
-    Reads only the tag's marker (JSON), so a checkpoint of another vocabulary or an unsupported ZeRO stage change
-    stops every rank with one message before any rank builds an engine or unpickles a file. On a world size other
-    than the checkpoint's, ``train.grad_accum_steps`` is derived so the global batch stays the checkpoint's (or
-    ``train.global_batch_size`` when set): the returned config carries it.
-    """
-    location = _resume_location(cfg)
-    if location is None:
-        return cfg, None
-    tag_dir = location[0] / location[1]
-    marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
-    saved_world = int(marker.get("world_size") or world_size)
-    saved_stage = int(marker.get("zero_stage", cfg.train.zero_stage))
-    stage = cfg.train.zero_stage
-    saved_vocab = marker.get("vocab_sha256")
-    if saved_vocab and vocab_sha256 and saved_vocab != vocab_sha256:
-        raise CheckpointError(
-            f"{tag_dir}: the checkpoint was trained with vocabulary {marker.get('tokenizer', '?')} (sha256 {saved_vocab[:12]}...), "
-            f"this run's has sha256 {vocab_sha256[:12]}...: resume with the run's own vocabulary (data.vocab / model.init_from)"
-        )
-    if saved_stage != stage and (saved_stage, stage) not in _STAGE_CHANGES:
-        raise CheckpointError(
-            f"{tag_dir}: a ZeRO-{saved_stage} checkpoint cannot be resumed with train.zero_stage={stage} (DeepSpeed loads ZeRO 1 "
-            f"and 2 checkpoints into either stage, other stages only into their own); set train.zero_stage={saved_stage}"
-        )
-    state = marker.get("state", {})
-    saved_batch = marker.get("global_batch_size") or (state["consumed_samples"] // state["step"] if state.get("step") else None)
-    global_batch = cfg.train.global_batch(world_size)
-    if saved_world != world_size:
-        global_batch = cfg.train.global_batch_size or saved_batch or cfg.train.global_batch(saved_world)
-        why = f"resuming {tag_dir} (saved on {saved_world} ranks) on {world_size} ranks" + (
-            f" with train.global_batch_size={global_batch}" if cfg.train.global_batch_size else "")
-        accum = cfg.train.grad_accum_for(global_batch, world_size, why)
-        cfg = replace(cfg, train=replace(cfg.train, grad_accum_steps=accum))
-        log.info("resuming a %d-rank ZeRO-%d checkpoint on %d rank%s: global batch %d = %d micro x %d accumulation x %d",
-                 saved_world, saved_stage, world_size, "" if world_size == 1 else "s", global_batch,
-                 cfg.train.micro_batch_size, accum, world_size)
-    universal = saved_stage >= 1 and (saved_world != world_size or saved_stage != stage)
-    return cfg, ResumePlan(location[0], location[1], saved_world, saved_stage, global_batch, universal)
-
-
-def _remove_universal(tag_dir: Path) -> None:
+def remove_universal(tag_dir: Path) -> None:
     for name in (UNIVERSAL_DIR, UNIVERSAL_DIR + ".partial"):
         shutil.rmtree(tag_dir / name, ignore_errors=True)
     (tag_dir / "latest_universal").unlink(missing_ok=True)
-
-
-def convert_to_universal(tag_dir: Path) -> float:
-    """Write ``tag_dir/universal`` with DeepSpeed's ``ds_to_universal``, in this process; returns the seconds it took.
-
-    One process, no worker pool (its default is 4 extraction + 2 merge processes, each holding partitions): memory
-    stays at about one rank's partition plus one parameter's states. Everything is written to ``universal.partial``
-    and renamed when complete, so a crash leaves no half copy that looks usable. Checks the tag's files first:
-    ``ds_to_universal`` unpickles them with ``weights_only=False``.
-    """
-    from deepspeed.checkpoint import ds_to_universal
-
-    check_files(tag_dir)
-    _remove_universal(tag_dir)
-    partial = tag_dir / (UNIVERSAL_DIR + ".partial")
-    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=True)
-    t0 = time.perf_counter()
-    chatter = io.StringIO()  # it prints each phase and draws progress bars
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            ds_to_universal.main(args)
-    except Exception as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(f"{tag_dir}: DeepSpeed's universal conversion failed ({type(e).__name__}: {e}); "
-                              f"its output ended:\n{chatter.getvalue()[-2000:]}") from e
-    (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; bert-ds names the tag itself
-    seconds = time.perf_counter() - t0
-    size = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
-    atomic_write(partial / UNIVERSAL_MARKER, json.dumps({"seconds": round(seconds, 3), "bytes": size}, indent=2))
-    partial.rename(tag_dir / UNIVERSAL_DIR)
-    return seconds
-
-
-def ensure_universal(tag_dir: Path, rank: int) -> float | None:
-    """The tag's universal checkpoint, converted by rank 0 if not cached yet (all ranks call; the others wait).
-
-    Returns the conversion's seconds, or None when a complete copy was already there. A failure on rank 0
-    is raised on every rank with its message.
-    """
-    seconds, error = None, None
-    if rank == 0 and not (tag_dir / UNIVERSAL_DIR / UNIVERSAL_MARKER).is_file():
-        try:
-            seconds = convert_to_universal(tag_dir)
-        except CheckpointError as e:
-            error = str(e)
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        outcome = [error, seconds]
-        tdist.broadcast_object_list(outcome, src=0)  # also the barrier: no rank reads the copy before it is complete
-        error, seconds = outcome
-    if error:
-        raise CheckpointError(error)
-    return seconds
-
-
-def restore(engine, cfg: RunConfig, rank: int, world_size: int, plan: ResumePlan | None = None) -> Restored:
-    """Resume (``checkpoint.resume``), else take a phase-1 checkpoint's weights (``checkpoint.init_from``), else start fresh.
-
-    All ranks call it. A run never starts behind checkpoints of its own that are newer than its start: that is
-    refused unless ``checkpoint.overwrite``, which deletes them (they would be resumed instead of this run's).
-    ``plan``: what :func:`plan_resume` decided (another world size: the universal load); None resumes as saved.
-    """
-    ckpt, checkpoint_dir = cfg.checkpoint, Path(cfg.run_dir) / "checkpoints"
-    location = (plan.checkpoint_dir, plan.tag) if plan else _resume_location(cfg)
-    _one_timeline(checkpoint_dir, tag_step(location[1]) if location else 0, ckpt.overwrite, rank)
-    if location:
-        state = load(engine, location[0], location[1], rank, world_size, universal=plan is not None and plan.universal)
-        log.info("resumed from %s/%s at step %d (%d samples consumed)", location[0], location[1], state.step, state.consumed_samples)
-        return Restored(state, resumed_from=str(location[0] / location[1]), optimizer_state_loaded=True)
-    if ckpt.init_from:
-        source_dir, tag = resolve(ckpt.init_from)
-        load_weights(engine, source_dir, tag, ckpt.load_optimizer_state)
-        log.info("initialised weights%s from %s/%s", " and optimizer state" if ckpt.load_optimizer_state else "", source_dir, tag)
-        return Restored(TrainState(), initialised_from=str(source_dir / tag), optimizer_state_loaded=ckpt.load_optimizer_state)
-    return Restored(TrainState())
-
-
-def _one_timeline(checkpoint_dir: Path, start_step: int, overwrite: bool, rank: int) -> None:
-    newer = [name for name in complete_tags(checkpoint_dir) if tag_step(name) > start_step]
-    # every rank has looked before rank 0 deletes anything, and every rank passes the same barriers whatever it saw
-    _barrier()
-    if newer and not overwrite:
-        raise CheckpointError(
-            f"{checkpoint_dir} holds checkpoints newer than where this run starts (step {start_step}): {', '.join(newer)}. "
-            "checkpoint.resume=auto continues from the newest; set checkpoint.overwrite=true to delete them and start here, "
-            "or use another run_dir"
-        )
-    if newer and rank == 0:
-        log.warning("checkpoint.overwrite: deleting %s, newer than step %d where this run starts", ", ".join(newer), start_step)
-        for name in newer:
-            (checkpoint_dir / name / COMPLETE_MARKER).unlink(missing_ok=True)
-            shutil.rmtree(checkpoint_dir / name, ignore_errors=True)
-    _barrier()

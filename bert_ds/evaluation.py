@@ -1,6 +1,6 @@
 """Evaluation on a fixed held-out set: MLM loss, masked-token accuracy, perplexity and NSP accuracy.
 
-The set is the run's own (``bert_ds.data.pretraining.eval_dataset``): the first ``eval.num_samples``
+The set is the run's own (``bert_ds.data.run_datasets.eval_dataset``): the first ``eval.num_samples``
 sentence pairs of epoch 0 of ``data.valid_prefix`` with their masks, all functions of the seed, so
 every evaluation (in training, of a checkpoint, of its export) sees the same samples and masks.
 Its settings are the run config's own sections (``seed``, ``data``, ``eval``): a checkpoint carries

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.config:
         p.error("give a run config (on the ranks) or --hostfile (on the launch node)")
-    from bert_ds import checkpoint, startup
+    from bert_ds import checkpoint, resume, startup
     from bert_ds.cluster import dist
     from bert_ds.config import ConfigError, load_run_config, split_command_line
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ctx = startup.start(load_run_config(config_path, overrides))
         # the checkpoint the run would resume: vocabulary, ZeRO stage, and its global batch on this many ranks
-        checkpoint.plan_resume(ctx.cfg, ctx.world_size, ctx.vocab.sha256)
+        resume.plan_resume(ctx.cfg, ctx.world_size, ctx.vocab.sha256)
     except (ConfigError, checkpoint.CheckpointError, preflight.PreflightError, dist.DistributedSetupError) as e:
         raise SystemExit(f"preflight failed: {e}") from None
     finally:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from bert_ds import checkpoint, memory, metrics, startup
+from bert_ds import checkpoint, memory, metrics, resume, startup
 from bert_ds.config import RunConfig, save_resolved
 from bert_ds.data.loader import train_loader
 from bert_ds.data.masking import IGNORE_INDEX
-from bert_ds.data.pretraining import eval_dataset
+from bert_ds.data.run_datasets import eval_dataset
 from bert_ds.ds_config import build_ds_config, save_ds_config
 from bert_ds.evaluation import evaluate
 from bert_ds.model import build_model, freeze_nsp_head
@@ -78,11 +78,11 @@ def train(cfg: RunConfig) -> TrainResult:
     ctx = startup.start(cfg)  # ranks, device, precision, vocabulary, logging: decided once, checked across ranks
     cfg = ctx.cfg  # train.precision resolved for this device
     # the checkpoint's vocabulary and ZeRO stage checked, its global batch kept on another world size: before any engine
-    cfg, plan = checkpoint.plan_resume(cfg, ctx.world_size, ctx.vocab.sha256)
+    cfg, plan = resume.plan_resume(cfg, ctx.world_size, ctx.vocab.sha256)
     ctx = dataclasses.replace(ctx, cfg=cfg)
     run_dir = Path(cfg.run_dir)
     engine = build_engine(cfg, ctx, load_universal=plan is not None and plan.universal)
-    start = checkpoint.restore(engine, cfg, ctx.rank, ctx.world_size, plan)
+    start = resume.restore(engine, cfg, ctx.rank, ctx.world_size, plan)
     if start.optimizer_state_loaded:  # only moments and step counts come from a checkpoint; settings are this run's
         apply_optimizer_config(engine.basic_optimizer, cfg.optimizer, engine.lr_scheduler)
         configure_lamb_for_zero(engine)  # LAMB's segment layout read again from the loaded partitions (a universal load refills them)
@@ -210,7 +210,7 @@ def build_engine(cfg: RunConfig, ctx: startup.RunContext, load_universal: bool =
 
     Rank 0 first writes the run directory's ``config.yaml``, ``ds_config.json`` and ``config.json``
     (the model's architecture, so export never needs ``model.init_from`` again). ``load_universal``: the
-    engine will load a universal checkpoint (``bert_ds.checkpoint.plan_resume``).
+    engine will load a universal checkpoint (``bert_ds.resume.plan_resume``).
     """
     import deepspeed
 

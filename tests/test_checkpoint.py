@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bert_ds import checkpoint
+from bert_ds import checkpoint, resume
 from bert_ds.checkpoint import COMPLETE_MARKER, CheckpointError, _prune, latest_complete_tag, resolve, tag_for_step
 from bert_ds.config import run_config_from_dict
 
@@ -132,9 +132,9 @@ def test_a_run_never_starts_behind_newer_checkpoints_of_its_own(tmp_path):
         make_tag(ckpts, step)
     for section in ({"resume": "none"}, {"resume": str(ckpts / "step00000100")}):
         with pytest.raises(CheckpointError, match=r"newer than where this run starts .*step00000200, step00000300.*checkpoint\.overwrite"):
-            checkpoint.restore(engine=None, cfg=_cfg(tmp_path, **section), rank=0, world_size=1)
+            resume.restore(engine=None, cfg=_cfg(tmp_path, **section), rank=0, world_size=1)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step00000100", "step00000200", "step00000300"]  # nothing touched
-    restored = checkpoint.restore(engine=None, cfg=_cfg(tmp_path, resume="none", overwrite=True), rank=0, world_size=1)
+    restored = resume.restore(engine=None, cfg=_cfg(tmp_path, resume="none", overwrite=True), rank=0, world_size=1)
     assert restored.state.step == 0 and not any(ckpts.iterdir())
 
 

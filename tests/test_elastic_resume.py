@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from bert_ds import checkpoint
-from bert_ds.checkpoint import COMPLETE_MARKER, UNIVERSAL_DIR, CheckpointError, plan_resume, tag_for_step
+from bert_ds.checkpoint import COMPLETE_MARKER, UNIVERSAL_DIR, CheckpointError, tag_for_step
 from bert_ds.config import ConfigError, run_config_from_dict
 from bert_ds.data.loader import RankBatchSampler
+from bert_ds.resume import plan_resume
 from tests.conftest import tensorboard_scalars, train_runs, write_run_config
 
 # -- before any engine: the plan ------------------------------------------------------------------------------------

@@ -4,12 +4,18 @@ run), data-loader workers never hold its socket, and the address is never guesse
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from bert_ds.cluster import dist
 from bert_ds.cluster.dist import DistributedSetupError, RankInfo
-from tests.conftest import REPO, deepspeed_launch, write_run_config
+from tests.conftest import REPO, deepspeed_launch, dist_env, write_run_config
 
 
 @pytest.mark.slow
@@ -45,3 +51,44 @@ def test_a_name_that_resolves_to_loopback_cannot_serve_other_nodes():
     sock = dist.listening_socket("127.0.0.1", 0, multi_node=True)  # an explicit loopback address is the user's choice
     assert sock.getsockname()[0] == "127.0.0.1"
     sock.close()
+
+
+def _session_processes(sid: int) -> list[str]:
+    """``pid comm`` of every live process in session ``sid`` (zombies excluded)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(f"{stat.parent.name} {comm}")
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_leaves_no_loader_worker_or_forkserver_behind(pretraining_shards, tmp_path):
+    """A SIGKILLed rank left its forkserver, loader worker and resource tracker running for good: the worker's parent is
+    the forkserver, which lives while the worker holds its liveness pipe, so torch's watchdog never fired."""
+    config = write_run_config(tmp_path / "run.yaml", pretraining_shards, tmp_path / "run", data={"num_workers": 1},
+                              train={"max_steps": 100000, "log_interval": 1})  # fmt: skip
+    rank = subprocess.Popen([sys.executable, "-m", "bert_ds.train", str(config)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **dist_env()})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.endswith("pt_data_worker") for p in _session_processes(rank.pid)):
+            assert rank.poll() is None and time.monotonic() < deadline, "the run ended or started no loader worker"
+            time.sleep(0.5)
+        assert len(_session_processes(rank.pid)) >= 3, _session_processes(rank.pid)  # rank, forkserver, worker (+ tracker)
+        rank.kill()
+        rank.wait()
+        deadline = time.monotonic() + 15
+        while _session_processes(rank.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _session_processes(rank.pid) == []
+    finally:
+        rank.kill()
+        for line in _session_processes(rank.pid):
+            os.kill(int(line.split()[0]), signal.SIGKILL)

@@ -13,7 +13,7 @@ from transformers import BertConfig
 
 from bert_ds.data.loader import build_dataloader
 from bert_ds.data.masking import IGNORE_INDEX
-from bert_ds.data.pretraining import PackedPretrainingDataset, first_fit_decreasing
+from bert_ds.data.packing import PackedPretrainingDataset, first_fit_decreasing
 from bert_ds.model import BertForPreTrainingSparse, block_diagonal_mask, training_flops, useful_training_flops
 from tests.test_pretraining_data import CLS, PAD, SEP, SEQ, Corpus, make_dataset, random_corpus, write_corpus
 

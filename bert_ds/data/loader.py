@@ -11,13 +11,17 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import os
+import select
+import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bert_ds.config import RunConfig
-from bert_ds.data.pretraining import train_dataset
+from bert_ds.data.run_datasets import train_dataset
 from bert_ds.data.vocab import Vocab
 
 
@@ -94,6 +98,43 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _end_with_the_rank(rank_pid: int, worker_id: int) -> None:
+    """``worker_init_fn``: the worker exits as soon as the rank that reads it is gone, however the rank ended.
+
+    Why our own: torch's worker watchdog exits when the worker's parent changes, but a forkserver worker's parent
+    is the forkserver, and the forkserver lives on while any of its clients, this worker included, holds its
+    liveness pipe. So a SIGKILLed rank left its forkserver and workers running for good (seen after every killed
+    run). The worker waits on a pidfd of the rank (readable once the rank has exited; polling its pid where
+    ``pidfd_open`` is missing); with the workers gone, the forkserver and its resource tracker exit by themselves.
+    """
+    try:
+        pidfd = os.pidfd_open(rank_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3, other systems): poll
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while _alive(rank_pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rank-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_dataloader(
     dataset: Dataset,
     micro_batch_size: int,
@@ -135,6 +176,7 @@ def build_dataloader(
         persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=functools.partial(_end_with_the_rank, os.getpid()) if num_workers > 0 else None,
     )
 
 

@@ -7,7 +7,7 @@
 Metrics: MLM loss (mean over masked tokens), masked-token accuracy, perplexity (exp of the MLM
 loss) and NSP accuracy, one CPU process in fp32 (the fp32 master weights of a checkpoint).
 
-The evaluation set is the trainer's (``bert_ds.data.pretraining.eval_dataset``): the first
+The evaluation set is the trainer's (``bert_ds.data.run_datasets.eval_dataset``): the first
 ``num_samples`` sentence pairs of epoch 0 of PREFIX with their masks, all functions of the seed,
 so every call sees the same samples and masks (MLPerf's BERT benchmark uses a fixed 10,000-sample
 set in the same spirit). Its settings are the run config's ``seed``, ``data`` and ``eval`` sections:
@@ -29,7 +29,7 @@ import torch
 
 from bert_ds.checkpoint import CheckpointError
 from bert_ds.config import ConfigError
-from bert_ds.data.pretraining import eval_dataset
+from bert_ds.data.run_datasets import eval_dataset
 from bert_ds.data.vocab import resolve_vocab
 from bert_ds.evaluation import METRICS, eval_config, evaluate
 from bert_ds.hf.sources import CheckpointSource, load_pretraining_model, open_source, start_command

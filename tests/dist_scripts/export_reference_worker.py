@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from bert_ds import checkpoint, startup, trainer
+from bert_ds import resume, startup, trainer
 from bert_ds.cluster import dist
 from bert_ds.config import load_run_config
 from bert_ds.data.loader import collate
-from bert_ds.data.pretraining import eval_dataset
+from bert_ds.data.run_datasets import eval_dataset
 
 
 @trainer.undoes_deepspeed_patches
@@ -38,7 +38,7 @@ def reference_logits(config_path: str, out_dir: Path) -> None:
     cfg = ctx.cfg
     engine = trainer.build_engine(cfg, ctx)
     # DeepSpeed's load_checkpoint, on the ranks and ZeRO stage that wrote it
-    restored = checkpoint.restore(engine, cfg, ctx.rank, ctx.world_size)
+    restored = resume.restore(engine, cfg, ctx.rank, ctx.world_size)
     assert restored.state.step == cfg.train.max_steps, (restored.state.step, cfg.train.max_steps)
     batch = collate([eval_dataset(cfg, ctx.vocab)[i] for i in range(8)])
     captured = {}
