@@ -292,32 +292,33 @@ def test_useful_flops_of_one_unpadded_pair_equal_the_dense_count():
 # --- the trainer, 2 ranks, the real DeepSpeed engine ----------------------------------------
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+# packed NSP pairs under ZeRO-3 (the stage whose hooks must gather the pooler that every pair's [CLS] goes through)
 PACKED_RUN = dict(
     model={"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, **NO_DROPOUT}},
-    train={"max_steps": 60, "micro_batch_size": 8, "zero_stage": 2, "precision": "fp32", "log_interval": 10},
-    optimizer={"name": "adamw", "lr": 3e-3}, scheduler={"name": "linear", "warmup_steps": 6},
+    train={"max_steps": 60, "micro_batch_size": 8, "zero_stage": 3, "precision": "fp32", "log_interval": 1},
+    optimizer={"name": "adamw", "lr": 3e-3}, scheduler={"name": "linear", "warmup_steps": 6, "total_steps": 60},
     eval={"interval_steps": 0, "num_samples": 128},
 )  # fmt: skip
-# MLM only: long enough to leave the unigram plateau (the tiny preset, as test_train's learning run, AdamW, no dropout)
+# MLM only: what it logs, its padding, its export (whether it learns: test_train's learning launch)
 MLM_RUN = dict(
-    model={"preset": "tiny", "overrides": NO_DROPOUT},
-    train={"max_steps": 600, "micro_batch_size": 16, "zero_stage": 0, "precision": "fp32", "log_interval": 20},
-    optimizer={"name": "adamw", "lr": 3e-3}, scheduler={"name": "linear", "warmup_steps": 60},
-    eval={"interval_steps": 300, "num_samples": 256},
+    model={"preset": "tiny", "overrides": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2}},
+    train={"max_steps": 20, "micro_batch_size": 8, "log_interval": 5}, eval={"num_samples": 64},
 )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def packed_runs(pretraining_shards, tmp_path_factory):
-    """Two 2-rank runs in one launch: pairs packed with NSP (data.packing, ZeRO-2), and MLM-only rows (data.nsp_mode: none)."""
+    """2-rank runs in one launch: pairs packed with NSP (data.packing, ZeRO-3) straight through 60 steps, the same run
+    stopped at step 30 and resumed (``checkpoint.resume: auto``, a new engine), and MLM-only rows (data.nsp_mode: none)."""
     from tests.conftest import train_runs, write_run_config
 
     d = tmp_path_factory.mktemp("packed_runs")
     data = {"train_prefix": str(pretraining_shards["train"]), "valid_prefix": str(pretraining_shards["valid"]), "max_seq_length": 128}
     nsp = write_run_config(d / "nsp.yaml", pretraining_shards, d / "nsp", **PACKED_RUN, data={**data, "packing": True})
+    resumed = write_run_config(d / "resumed.yaml", pretraining_shards, d / "resumed", **PACKED_RUN, data={**data, "packing": True})
     mlm = write_run_config(d / "mlm.yaml", pretraining_shards, d / "mlm", **MLM_RUN, data={**data, "nsp_mode": "none"})
-    launch = train_runs((nsp,), (mlm,), num_ranks=2, timeout=2400)  # ~7 minutes on an idle 2-core machine
-    return d, dict(zip(("nsp", "mlm"), launch.results, strict=True))
+    launch = train_runs((nsp,), (resumed, "train.max_steps=30"), (resumed,), (mlm,), num_ranks=2, timeout=1800)
+    return d, dict(zip(("nsp", "stopped", "resumed", "mlm"), launch.results, strict=True))
 
 
 @pytest.mark.slow
@@ -328,7 +329,7 @@ def test_packed_pairs_train_with_nsp_on_two_ranks(packed_runs):
     scalars = tensorboard_scalars(d / "nsp" / "tensorboard")
     assert results["nsp"]["state"]["step"] == 60 and results["nsp"]["state"]["consumed_samples"] == 60 * 16  # rows
     loss = [v for _, v in scalars["train/loss"]]
-    assert loss[-1] < loss[0] - 1.0, loss
+    assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 1.0, loss
     # this corpus's pairs at 128 tokens are 31% padding unpacked (1,445 pairs, mostly long): 1.35 per row, 7% padding packed
     assert np.mean([v for _, v in scalars["train/pairs_per_row"]]) > 1.2, scalars["train/pairs_per_row"]
     assert np.mean([v for _, v in scalars["train/padding_fraction"]]) < 0.12, scalars["train/padding_fraction"]
@@ -353,13 +354,19 @@ def test_mlm_only_rows_log_no_nsp_and_hold_almost_no_padding(packed_runs):
 
 
 @pytest.mark.slow
-def test_mlm_only_rows_learn(packed_runs, pretraining_shards):
-    from tests.conftest import best_unigram_accuracy
+def test_a_packed_run_stopped_and_resumed_reproduces_the_uninterrupted_steps_exactly(packed_runs):
+    """Resume of packed rows under ZeRO-3: the rows after step 30 are the same rows (a function of seed, epoch, index,
+    found again from consumed_samples), and so every logged number of steps 31-60 is the straight run's, bit for bit."""
+    from tests.conftest import tensorboard_scalars
 
-    _, results = packed_runs
-    unigram = best_unigram_accuracy(pretraining_shards["train"])
-    # measured: 0.300 at step 300, 0.317 at 600 (32 rows per step; 0.322 after 800); the unigram guess: 0.265
-    assert results["mlm"]["eval_metrics"]["eval/mlm_acc"] > unigram + 0.04, (results["mlm"]["eval_metrics"], unigram)
+    d, results = packed_runs
+    assert results["resumed"]["resumed_from"] == str(d / "resumed" / "checkpoints" / "step00000030")
+    assert results["resumed"]["state"]["step"] == 60 and results["resumed"]["state"]["consumed_samples"] == 60 * 16
+    straight, resumed = tensorboard_scalars(d / "nsp" / "tensorboard"), tensorboard_scalars(d / "resumed" / "tensorboard")
+    for tag in ("train/loss", "train/mlm_loss", "train/nsp_loss", "train/grad_norm", "train/pairs_per_row", "train/padding_fraction"):
+        after = {step: v for step, v in resumed[tag] if step > 30}
+        assert sorted(after) == list(range(31, 61)), (tag, sorted(after))
+        assert after == {step: v for step, v in straight[tag] if step > 30}, tag
 
 
 @pytest.mark.slow
