@@ -225,12 +225,12 @@ def init_process_group(ranks: RankInfo, device: torch.device, backend: str, stor
         timeout = timedelta(minutes=timeout_minutes)
         torch.distributed.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes))
-    _unlink_shared_memory_names(ranks.rank)
+    unlink_shared_memory_names(ranks.rank)
     log.info("rank %d/%d (local %d, from %s) on %s, backend %s, master %s:%s", ranks.rank, ranks.world_size, ranks.local_rank,
              ranks.source, device, backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
 
 
-def _unlink_shared_memory_names(rank: int) -> None:
+def unlink_shared_memory_names(rank: int) -> None:
     """Remove the name of this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped every buffer.
 
     DeepSpeed's shared-memory comm op (CPU, all ranks on one node) creates a ~69 MB segment per rank named

@@ -28,6 +28,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from transformers import BertConfig, BertForPreTraining
 
+from bert_ds.cluster import dist
 from bert_ds.optim import Lamb, build_param_groups, configure_lamb_for_zero
 
 START = time.perf_counter()
@@ -138,6 +139,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
 
     deepspeed.init_distributed(dist_backend="gloo")
+    dist.unlink_shared_memory_names(torch.distributed.get_rank())  # as bert_ds.cluster.dist.start does: no /dev/shm leftovers
     rank = torch.distributed.get_rank()
     log.info("initialized at %.1f s", time.perf_counter() - START)
     for run in args.run:

@@ -23,12 +23,14 @@ def main() -> None:
     import deepspeed
 
     from bert_ds import memory
+    from bert_ds.cluster import dist
     from bert_ds.config import ModelConfig
     from bert_ds.model import build_model
     from bert_ds.zero.construction import partitioned_construction
 
     memory.return_freed_memory()  # as bert_ds.startup.start does before any model exists
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    dist.unlink_shared_memory_names(torch.distributed.get_rank())  # as bert_ds.cluster.dist.start does: no /dev/shm leftovers
     rank = torch.distributed.get_rank()
     zero3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 
