@@ -120,15 +120,31 @@ def train_runs(*runs: tuple, num_ranks: int = 1, timeout: float = 900, record_rn
         return Launch(json.loads(results.read_text()), proc.stderr)
 
 
-def best_unigram_accuracy(prefix: Path, num_special: int = 5) -> float:
-    """Accuracy of always predicting the most frequent token: the bar a model must clear."""
+def content_tokens(prefix: Path, num_special: int = 5):
+    """A shard's token ids without the special tokens (ids below ``num_special``), as a numpy array."""
     import numpy as np
 
     from bert_ds.data.indexed_dataset import IndexedDataset
 
     tokens = np.asarray(IndexedDataset(prefix).tokens)
-    counts = collections.Counter(tokens[tokens >= num_special].tolist())
+    return tokens[tokens >= num_special]
+
+
+def best_unigram_accuracy(prefix: Path) -> float:
+    """Accuracy of always predicting the most frequent token: the bar a model must clear."""
+    tokens = content_tokens(prefix)
+    counts = collections.Counter(tokens.tolist())
     return max(counts.values()) / sum(counts.values())
+
+
+def unigram_cross_entropy(train_prefix: Path, eval_prefix: Path) -> float:
+    """Mean loss of always predicting the training tokens' frequencies, on the held-out tokens: the loss of a model
+    that has learned which tokens are common and nothing about context."""
+    import numpy as np
+
+    train, held_out = content_tokens(train_prefix), content_tokens(eval_prefix)
+    frequency = np.bincount(train, minlength=int(held_out.max()) + 1) / train.size
+    return float(-np.mean(np.log(np.maximum(frequency[held_out], 1e-9))))
 
 
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

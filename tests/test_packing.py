@@ -211,6 +211,15 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert float((a - b).abs().max()) <= 1e-5 * scale, (what, float((a - b).abs().max()), scale)
 
 
+def labels_of_one_pair(row: dict[str, torch.Tensor], p: int) -> dict[str, torch.Tensor]:
+    """A batch of one packed row whose MLM and NSP labels are pair ``p``'s only: the row's loss is that pair's."""
+    only = dict(row)
+    only["labels"] = torch.where(row["pair_ids"] == p, row["labels"], IGNORE_INDEX)
+    only["next_sentence_label"] = torch.full_like(row["next_sentence_label"], IGNORE_INDEX)
+    only["next_sentence_label"][0, p] = row["next_sentence_label"][0, p]
+    return only
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_a_packed_row_computes_exactly_what_its_pairs_compute_one_per_row(short_docs, attn):
     ds = packed(short_docs)
@@ -238,10 +247,7 @@ def test_a_packed_row_computes_exactly_what_its_pairs_compute_one_per_row(short_
 
     # per-pair losses: the packed row with only pair p's labels against pair p alone
     for p, sample in enumerate(alone):
-        only = dict(row)
-        only["labels"] = torch.where(row["pair_ids"] == p, row["labels"], IGNORE_INDEX)
-        only["next_sentence_label"] = torch.full_like(row["next_sentence_label"], IGNORE_INDEX)
-        only["next_sentence_label"][0, p] = row["next_sentence_label"][0, p]
+        only = labels_of_one_pair(row, p)
         with torch.no_grad():
             got, want = model(**only), model(**sample)
         assert_close(got.mlm_loss_sum, want.mlm_loss_sum, f"mlm loss {p}")
@@ -280,10 +286,7 @@ def test_a_packed_row_in_bf16_gives_each_pair_its_own_losses(short_docs, attn):
     # change its losses by ~50% (measured with an all-True mask), not by the 4e-5 of a freshly initialised model
     model = tiny_model(ds.pairs.vocab_size, attn, initializer_range=0.2).to(torch.bfloat16)
     for p, j in enumerate(ds.pairs_of_row(epoch, row_number)):
-        only = dict(row)
-        only["labels"] = torch.where(row["pair_ids"] == p, row["labels"], IGNORE_INDEX)
-        only["next_sentence_label"] = torch.full_like(row["next_sentence_label"], IGNORE_INDEX)
-        only["next_sentence_label"][0, p] = row["next_sentence_label"][0, p]
+        only = labels_of_one_pair(row, p)
         with torch.no_grad():
             got, want = model(**only), model(**{k: v[None] for k, v in ds.pairs.sample(epoch, j).items()})
         for name in ("mlm_loss_sum", "nsp_loss_sum"):

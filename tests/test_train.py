@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, best_unigram_accuracy, deepspeed_launch, run_module, tensorboard_scalars, train_runs, write_run_config
+from tests.conftest import (
+    REPO,
+    best_unigram_accuracy,
+    deepspeed_launch,
+    run_module,
+    tensorboard_scalars,
+    train_runs,
+    unigram_cross_entropy,
+    write_run_config,
+)
 
 LISTED_TAGS = [
     "train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc", "train/nsp_acc", "train/lr", "train/grad_norm",
@@ -79,17 +88,6 @@ def mlm_only_learning_run(pretraining_shards, tmp_path_factory) -> Path:
     )
     train(config)
     return d / "run"
-
-
-def unigram_cross_entropy(train_prefix: Path, eval_prefix: Path, num_special: int = 5) -> float:
-    """Mean loss of always predicting the training tokens' frequencies, on the held-out tokens: the loss of a model
-    that has learned which tokens are common and nothing about context."""
-    from bert_ds.data.indexed_dataset import IndexedDataset
-
-    train, held_out = (np.asarray(IndexedDataset(p).tokens) for p in (train_prefix, eval_prefix))
-    train, held_out = train[train >= num_special], held_out[held_out >= num_special]
-    frequency = np.bincount(train, minlength=int(held_out.max()) + 1) / train.size
-    return float(-np.mean(np.log(np.maximum(frequency[held_out], 1e-9))))
 
 
 @pytest.mark.slow
