@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from bert_ds.cluster import dist
 from bert_ds.cluster.dist import DistributedSetupError, RankInfo
+from tests.cluster.helpers import kill_session, wait_for
 from tests.conftest import REPO, deepspeed_launch, dist_env, write_run_config
 
 
@@ -77,18 +76,15 @@ def test_a_killed_rank_leaves_no_loader_worker_or_forkserver_behind(pretraining_
     rank = subprocess.Popen([sys.executable, "-m", "bert_ds.train", str(config)], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **dist_env()})  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not any(p.endswith("pt_data_worker") for p in _session_processes(rank.pid)):
-            assert rank.poll() is None and time.monotonic() < deadline, "the run ended or started no loader worker"
-            time.sleep(0.5)
+        wait_for(lambda: rank.poll() is not None or any(p.endswith("pt_data_worker") for p in _session_processes(rank.pid)),
+                 timeout=120, interval=0.5, what="a loader worker")  # fmt: skip
+        assert rank.poll() is None, "the run ended"
         assert len(_session_processes(rank.pid)) >= 3, _session_processes(rank.pid)  # rank, forkserver, worker (+ tracker)
         rank.kill()
         rank.wait()
-        deadline = time.monotonic() + 15
-        while _session_processes(rank.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _session_processes(rank.pid) == []
+        try:
+            wait_for(lambda: not _session_processes(rank.pid), timeout=15, interval=0.5)
+        except TimeoutError:
+            raise AssertionError(f"left behind by the killed rank: {_session_processes(rank.pid)}") from None
     finally:
-        rank.kill()
-        for line in _session_processes(rank.pid):
-            os.kill(int(line.split()[0]), signal.SIGKILL)
+        kill_session(rank)  # the whole process group: the rank and anything it started
