@@ -139,25 +139,26 @@ def learning(py: str, tmp: Path, args) -> dict:
     from bert_ds.hf import evaluate
 
     data = shards(py, args.zh, tmp / "zh-fortunes")
-    every = args.learning_checkpoint_every
+
+    def learning_run(label: str, seed: int, micro_batch: int, data_section: dict, **sections) -> Path:
+        """One run of the comparison: the tiny preset, AdamW 2e-3, linear schedule, seq 128 (plus ``data_section``)."""
+        return run_config(tmp / f"{label}.yaml", data, tmp / label, seed=seed, model={"preset": "tiny"},
+                          data={"max_seq_length": 128, **data_section},
+                          train={"max_steps": args.learning_steps, "micro_batch_size": micro_batch, "log_interval": 10},
+                          optimizer={"name": "adamw", "lr": 2e-3}, scheduler={"name": "linear", "warmup_steps": args.learning_steps // 10},
+                          **sections)  # fmt: skip
+
     configs = []
     for seed in range(1, args.seeds + 1):
         for packing in (False, True):
-            label = f"learn_{'packed' if packing else 'unpacked'}_seed{seed}"
-            micro = args.learning_micro_batch if packing else args.learning_unpacked_micro_batch
-            configs.append(run_config(
-                tmp / f"{label}.yaml", data, tmp / label, seed=seed, model={"preset": "tiny"},
-                data={"max_seq_length": 128, "packing": packing},
-                train={"max_steps": args.learning_steps, "micro_batch_size": micro, "log_interval": 10},
-                optimizer={"name": "adamw", "lr": 2e-3}, scheduler={"name": "linear", "warmup_steps": args.learning_steps // 10},
-                checkpoint={"interval_steps": every, "keep_last": 0, "save_final": True},
+            configs.append(learning_run(
+                f"learn_{'packed' if packing else 'unpacked'}_seed{seed}", seed,
+                args.learning_micro_batch if packing else args.learning_unpacked_micro_batch, {"packing": packing},
+                checkpoint={"interval_steps": args.learning_checkpoint_every, "keep_last": 0, "save_final": True},
             ))  # fmt: skip
     # MLM-only rows (data.nsp_mode: none) on the same corpus, steps and rows per step as the packed arm
-    mlm_only = run_config(tmp / "learn_mlm_only.yaml", data, tmp / "learn_mlm_only", seed=1, model={"preset": "tiny"},
-                          data={"max_seq_length": 128, "nsp_mode": "none"},
-                          train={"max_steps": args.learning_steps, "micro_batch_size": args.learning_micro_batch, "log_interval": 10},
-                          optimizer={"name": "adamw", "lr": 2e-3}, scheduler={"name": "linear", "warmup_steps": args.learning_steps // 10},
-                          checkpoint={"save_final": True}, eval={"interval_steps": 0, "num_samples": args.eval_samples})  # fmt: skip
+    mlm_only = learning_run("learn_mlm_only", 1, args.learning_micro_batch, {"nsp_mode": "none"},
+                            checkpoint={"save_final": True}, eval={"interval_steps": 0, "num_samples": args.eval_samples})
     launch([*configs, mlm_only])
     curves: dict[str, list[tuple[int, list[tuple[int, float, float]]]]] = {"unpacked": [], "packed": []}
     for config in configs:
