@@ -20,7 +20,7 @@ from bert_ds.data.masking import IGNORE_INDEX, MaskingVocab, continuation_table,
 from bert_ds.data.metadata import metadata_path, read_metadata
 from bert_ds.data.pretraining import PretrainingDataset
 from bert_ds.data.word_boundaries import WordBoundaryError, WordFlags, words_path
-from tests.conftest import run_module, train_runs, write_run_config
+from tests.conftest import best_unigram_accuracy, run_module, train_runs, write_run_config
 
 # Real-looking Chinese prose with English terms, quotes and a domain term (龘龙科技) whose first character the
 # test vocabulary lacks, so it becomes [UNK] inside a segmented word.
@@ -494,7 +494,6 @@ def test_english_shards_need_no_word_boundaries(pretraining_shards):
 def test_a_tiny_chinese_bert_continued_with_whole_word_masking_learns(zh, tmp_path):
     """Continued pretraining from the Chinese BERT directory (model.init_from) on segmented shards: eval accuracy
     on whole-word-masked held-out words ends far above always guessing the most frequent token."""
-    from collections import Counter
 
     d = zh["dir"]
     run_module("data_tools.preprocess", "--input", zh["learn"], "--tokenizer", zh["hf"], "--output-prefix", d / "learn",
@@ -514,9 +513,7 @@ def test_a_tiny_chinese_bert_continued_with_whole_word_masking_learns(zh, tmp_pa
         scheduler={"name": "linear", "warmup_steps": 30}, eval={"interval_steps": 300, "num_samples": 256},
     )
     result = train_runs((config,)).results[0]
-    tokens = np.asarray(IndexedDataset(shards["train"]).tokens)
-    counts = Counter(tokens[tokens >= 5].tolist())
-    unigram = max(counts.values()) / sum(counts.values())
+    unigram = best_unigram_accuracy(shards["train"])
     mlm_acc = result["eval_metrics"]["eval/mlm_acc"]
     print(f"Chinese whole-word masking: eval masked-token accuracy {mlm_acc:.3f}, most frequent token {unigram:.3f}")
     assert mlm_acc > max(2.5 * unigram, unigram + 0.15), (mlm_acc, unigram)  # measured: 0.319 vs 0.091
